@@ -1,0 +1,81 @@
+"""``jaxllama <verb>``: parses arguments, calls library functions, maps errors to exit codes.
+
+Exit 0 on success, 2 on bad usage or configuration, 1 on a runtime failure. Errors print as one
+line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jaxllama.errors import ConfigError, JaxllamaError
+
+EPILOG = "overrides: dotted key=value pairs, e.g. model.preset=llama3-8b mesh.fsdp=-1 train.steps=100 optim.lr=3e-4"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention for usage errors)
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: the built-in demo config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxllama", description="Train, inspect and run Llama models with JAX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model (no arguments: the CPU demo)", epilog=EPILOG,
+                           description="Train a Llama model. With no arguments, trains the tiny demo model on CPU.")
+    _add_config_args(train)
+    info = sub.add_parser("info", help="parameter count, per-device memory and FLOPs/token", epilog=EPILOG,
+                          description="Describe a model on the configured mesh without materializing it.")
+    _add_config_args(info)
+    return parser
+
+
+def _load(args):
+    from jaxllama.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from jaxllama.train.loop import train
+
+    cfg = _load(args)
+    train(cfg)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from jaxllama.info import format_info, model_info
+
+    print(format_info(model_info(_load(args))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": cmd_train, "info": cmd_info}[args.verb](args)
+    except JaxllamaError as e:
+        if debug:
+            raise
+        print(f"jaxllama: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("jaxllama: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Typed configuration: dataclasses filled from defaults, a YAML file, then dotted overrides.
+
+``load_config("configs/llama3-8b.yaml", ["mesh.fsdp=-1", "optim.lr=3e-4"])`` returns a
+:class:`Config` whose model fields are resolved from the preset and which has passed every check
+that does not need devices. Every problem raises :class:`ConfigError` with one line naming the key.
+The defaults *are* the CPU demo that ``jaxllama train`` runs with no arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllama.errors import ConfigError
+from jaxllama.model.presets import PRESETS
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots")
+SCHEDULES = ("cosine", "wsd", "constant")
+ROPE_TYPES = ("default", "llama3")
+
+# The default logical-axis rules. Order matters: a mesh axis already used by an earlier dimension
+# of the same array is skipped, so activations [batch, length, embed] shard batch over
+# (data, fsdp) and leave embed whole, while weights [embed, mlp] shard embed over fsdp.
+DEFAULT_RULES: list[list[Any]] = [
+    ["batch", ["data", "fsdp"]],
+    ["embed", "fsdp"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["mlp", "tensor"],
+    ["vocab", "tensor"],
+]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture (None = take it from the preset) and numerics of the decoder."""
+
+    preset: str = "tiny"
+    vocab_size: int | None = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int | None = None
+    max_position: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    rope_type: str | None = None  # "default" or "llama3" (Llama 3.1 frequency scaling)
+    rope_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position: int | None = None
+    tie_embeddings: bool | None = None
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"
+    attention: str = "auto"  # auto: cudnn on GPU, splash on TPU, xla elsewhere
+    scan_layers: bool = True
+    remat: str = "none"
+
+
+@dataclass
+class MeshConfig:
+    """Mesh axis sizes (one may be -1: fill) and logical-axis rules."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Across slices (DCN) on multi-slice TPU pods; the ICI sizes above are per slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    seq_len: int = 128
+    global_batch: int = 16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to kernels and embeddings, never to norm scales
+    clip_norm: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    log_every: int = 10
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    z_loss: float = 0.0
+    loss_chunk: int = 0  # sequence positions per loss chunk; 0: chosen from the vocabulary size
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    peak_flops: float | None = None  # per device, for MFU; None: table, or measured on CPU
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on a terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str | None = None  # None: a new folder under runs/
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then preset resolution and validation."""
+    cfg = Config()
+    if path is not None:
+        _apply_tree(cfg, _read_yaml(Path(path)), prefix="")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        _set(cfg, key.strip(), _parse_scalar(raw))
+    resolve_model(cfg.model)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A Config from a nested dict (e.g. a run's saved config.yaml), validated."""
+    cfg = Config()
+    _apply_tree(cfg, tree, prefix="")
+    resolve_model(cfg.model)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _parse_scalar(raw: str) -> Any:
+    """Values are YAML scalars/lists: 3e-4, true, [a, b]; anything unparsable stays a string."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply_tree(obj: Any, tree: dict, prefix: str) -> None:
+    for key, value in tree.items():
+        key = str(key)
+        current = getattr(obj, key, None) if "." not in key else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            _apply_tree(current, value, prefix=f"{prefix}{key}.")
+        else:
+            _set(obj, key, value, full=f"{prefix}{key}")
+
+
+def _set(obj: Any, key: str, value: Any, full: str | None = None) -> None:
+    """Set a dotted key on nested dataclasses, checking the name and coercing the type."""
+    full = full or key
+    head, _, rest = key.partition(".")
+    names = {f.name for f in dataclasses.fields(obj)}
+    section = full[: len(full) - len(key)].rstrip(".")
+    if head not in names:
+        raise ConfigError(_unknown(full, names, section))
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full}: unknown key ({full[: len(full) - len(rest) - 1]} is a value, not a section)")
+        _set(current, rest, value, full)
+        return
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{dataclasses.fields(current)[0].name}=...")
+    hint = typing.get_type_hints(type(obj))[head]
+    setattr(obj, head, _coerce(full, value, hint))
+
+
+def _unknown(full: str, names: set[str], section: str) -> str:
+    prefix = f"{section}." if section else ""
+    options = sorted(prefix + n for n in names)
+    close = difflib.get_close_matches(full, options, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown config key {full}{hint}; {('keys of ' + section) if section else 'sections'}: {', '.join(options)}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's annotation; ints may become floats, nothing else converts."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is list or typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Preset resolution and validation
+
+
+def resolve_model(m: ModelConfig) -> None:
+    """Fill every None architecture field from the preset (in place)."""
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = {**dict(rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                     rope_original_max_position=8192, tie_embeddings=False, head_dim=None), **PRESETS[m.preset]}
+    for name, value in preset.items():
+        if getattr(m, name) is None:
+            setattr(m, name, value)
+    if m.head_dim is None and m.dim and m.n_heads:
+        m.head_dim = m.dim // m.n_heads
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+
+
+def _positive(key: str, value: float | int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Every check that needs no devices. Mesh sizes are checked in :func:`validate_mesh`."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                 "max_position", "norm_eps", "rope_theta", "rope_factor"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    _choice("model.rope_type", m.rope_type, ROPE_TYPES)
+    _choice("model.dtype", m.dtype, ("auto",) + DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.attention", m.attention, ATTENTION_IMPLS)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.global_batch", d.global_batch)
+    if d.seq_len > m.max_position:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds the model's positions (model.max_position={m.max_position})")
+    for name in ("lr", "eps"):
+        _positive(f"optim.{name}", getattr(o, name))
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}: must be in [0, 1), got {getattr(o, name)}")
+    for name in ("weight_decay", "clip_norm", "warmup_steps"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(o, name)}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    for name in ("steps", "log_every", "grad_accum", "max_nonfinite"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.loss_chunk < 0 or t.z_loss < 0:
+        raise ConfigError("train.loss_chunk and train.z_loss must be >= 0")
+    if t.peak_flops is not None:
+        _positive("train.peak_flops", t.peak_flops)
+    if d.global_batch % t.grad_accum:
+        raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by train.grad_accum={t.grad_accum}")
+    _validate_mesh_shape(cfg.mesh)
+
+
+def _validate_mesh_shape(mesh: MeshConfig) -> None:
+    sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor")}
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k}: must be a positive size or -1 (fill), got {v}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh: at most one of data, fsdp, tensor may be -1, got {sizes}")
+    for k in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+        _positive(f"mesh.{k}", getattr(mesh, k))
+    for i, rule in enumerate(mesh.rules):
+        ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+        axes = rule[1] if ok else None
+        axes = [axes] if isinstance(axes, str) or axes is None else axes
+        if not ok or any(a not in ("data", "fsdp", "tensor") for a in axes if a is not None):
+            raise ConfigError(f"mesh.rules[{i}]: expected [logical_name, mesh_axis or [mesh_axes]] with axes "
+                              f"from data, fsdp, tensor; got {rule!r}")
+
+
+def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Total (DCN x ICI) sizes of data, fsdp, tensor for ``n_devices``, resolving -1; checks the product."""
+    mesh = cfg.mesh
+    dcn = {k: getattr(mesh, f"dcn_{k}") for k in ("data", "fsdp", "tensor")}
+    n_dcn = dcn["data"] * dcn["fsdp"] * dcn["tensor"]
+    if n_devices % n_dcn:
+        raise ConfigError(f"mesh: dcn sizes {dcn} (product {n_dcn}) do not divide the {n_devices} devices")
+    per_slice = n_devices // n_dcn
+    ici = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor")}
+    known = 1
+    for v in ici.values():
+        known *= v if v != -1 else 1
+    desc = " x ".join(f"{k}={v}" for k, v in ici.items())
+    if -1 in ici.values():
+        if per_slice % known:
+            raise ConfigError(f"mesh: {desc} cannot fill {per_slice} devices per slice ({known} does not divide it)")
+        ici = {k: (per_slice // known if v == -1 else v) for k, v in ici.items()}
+    elif known != per_slice:
+        raise ConfigError(f"mesh: {desc} = {known} devices, but {per_slice} are available"
+                          f"{' per slice' if n_dcn > 1 else ''}; make the product match or set one size to -1")
+    return {k: ici[k] * dcn[k] for k in ici}
+
+
+def validate_mesh(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Checks that need the device count: mesh product, batch and head divisibility."""
+    sizes = mesh_sizes(cfg, n_devices)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if d.global_batch % (batch_shards * t.grad_accum):
+        raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by mesh data x fsdp = {batch_shards}"
+                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""))
+    tp = sizes["tensor"]
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        if getattr(m, key) % tp:
+            raise ConfigError(f"model.{key}={getattr(m, key)} is not divisible by mesh.tensor={tp}")
+    if m.dim % sizes["fsdp"]:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by mesh.fsdp={sizes['fsdp']}")
+    return sizes

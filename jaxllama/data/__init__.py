@@ -1,0 +1,1 @@
+"""Input pipeline. The only package allowed to import TensorFlow (lazily, per source)."""

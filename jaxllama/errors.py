@@ -1,0 +1,23 @@
+"""The two exception types jaxllama raises for problems a user can fix.
+
+The CLI prints either as one line (no traceback unless ``--debug``) and exits 2 for
+:class:`ConfigError` (bad usage or configuration) and 1 for :class:`RunError`.
+"""
+
+
+class JaxllamaError(Exception):
+    """Base class: a problem described in one readable line."""
+
+    exit_code = 1
+
+
+class ConfigError(JaxllamaError):
+    """Bad user input: a config key, value, file or command-line argument."""
+
+    exit_code = 2
+
+
+class RunError(JaxllamaError):
+    """A failure while running (diverged loss, missing device, ...)."""
+
+    exit_code = 1

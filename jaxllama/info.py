@@ -1,0 +1,49 @@
+"""What ``jaxllama info`` reports: parameter count, per-device memory of the state, FLOPs per token.
+
+Everything comes from abstract shapes (``jax.eval_shape``): a 405B preset is never materialized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from jaxllama.config import Config
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.mesh import make_mesh
+from jaxllama.parallel.sharding import Layout, per_device_bytes, rules_from_config
+from jaxllama.train.metrics import flops_per_token
+from jaxllama.train.optimizer import make_optimizer
+from jaxllama.train.step import state_shardings
+
+
+def model_info(cfg: Config) -> dict:
+    mesh = make_mesh(cfg)
+    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
+    arch = Arch.from_config(cfg.model)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_shardings(Llama(arch, layout), tx, layout)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    return dict(
+        preset=cfg.model.preset, params=n_params, mesh=dict(mesh.shape), devices=mesh.size,
+        param_bytes_per_device=per_device_bytes(abstract.params, shardings.params),
+        opt_bytes_per_device=per_device_bytes(abstract.opt_state, shardings.opt_state),
+        flops_per_token=flops_per_token(arch, cfg.data.seq_len),
+        flops_per_token_noncausal=flops_per_token(arch, cfg.data.seq_len, causal=False),
+        seq_len=cfg.data.seq_len)
+
+
+def format_info(info: dict) -> str:
+    gib = 1024**3
+    mesh = " x ".join(f"{k}={v}" for k, v in info["mesh"].items())
+    state = info["param_bytes_per_device"] + info["opt_bytes_per_device"]
+    return "\n".join([
+        f"model:            {info['preset']}",
+        f"parameters:       {info['params']:,}",
+        f"mesh:             {mesh} ({info['devices']} devices)",
+        f"per device:       params {info['param_bytes_per_device'] / gib:.3f} GiB + optimizer "
+        f"{info['opt_bytes_per_device'] / gib:.3f} GiB = {state / gib:.3f} GiB",
+        f"train FLOPs/token: {info['flops_per_token']:.4g} at seq_len {info['seq_len']} "
+        f"(non-causal {info['flops_per_token_noncausal']:.4g})",
+    ])

@@ -1,0 +1,1 @@
+"""The Llama decoder, its attention kernels and published presets."""

@@ -1,0 +1,259 @@
+"""The Llama decoder (Flax Linen): embed -> N x [RMSNorm, attention, RMSNorm, SwiGLU] -> RMSNorm -> head.
+
+Parameter tree (the canonical layout every converter reads and writes; kernels are [in, out] and
+per-layer weights are stacked on a leading ``layers`` axis)::
+
+    embed_tokens/embedding                  [vocab, embed]
+    layers/input_layernorm/scale            [layers, embed]
+    layers/self_attn/{q,k,v,o}_proj/kernel  [layers, embed, heads*head_dim] ... o: [layers, heads*head_dim, embed]
+    layers/post_attention_layernorm/scale   [layers, embed]
+    layers/mlp/{gate,up,down}_proj/kernel   [layers, embed, mlp] ... down: [layers, mlp, embed]
+    norm/scale                              [embed]
+    lm_head/kernel                          [embed, vocab]   (absent when embeddings are tied)
+
+RoPE uses Hugging Face's half-split ("rotate_half") layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllama.model.attention import attend, resolve_impl
+from jaxllama.parallel.sharding import Layout
+
+F32 = jnp.float32
+_REMAT = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Resolved, hashable model hyper-parameters (built from a resolved ``ModelConfig``)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_position: int
+    norm_eps: float
+    rope_theta: float
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, m) -> "Arch":
+        """From a resolved :class:`jaxllama.config.ModelConfig`; ``dtype: auto`` picks by backend."""
+        names = cls.__dataclass_fields__
+        values = {k: getattr(m, k) for k in names}
+        if values["dtype"] == "auto":
+            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        values["attention"] = resolve_impl(values["attention"])
+        return cls(**values)
+
+
+def rope_frequencies(a: Arch) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with Llama 3.1's long-context scaling when configured."""
+    inv = 1.0 / (a.rope_theta ** (np.arange(0, a.head_dim, 2, dtype=np.float64) / a.head_dim))
+    if a.rope_type != "llama3":
+        return inv.astype(np.float32)
+    low_wavelen = a.rope_original_max_position / a.rope_low_freq_factor
+    high_wavelen = a.rope_original_max_position / a.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / a.rope_factor, inv)
+    smooth = (a.rope_original_max_position / wavelen - a.rope_low_freq_factor) / (
+        a.rope_high_freq_factor - a.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / a.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(a: Arch, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, len, head_dim] in float32 for explicit integer positions [batch, len]."""
+    freqs = positions[..., None].astype(F32) * jnp.asarray(rope_frequencies(a))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [batch, len, heads, head_dim]; half-split rotation as in Hugging Face."""
+    x32 = x.astype(F32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    a: Arch
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), jnp.dtype(self.a.param_dtype))
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.a.norm_eps)
+        return (y * scale.astype(F32)).astype(self.a.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel, kernel [in, out] with logical names ``axes``; computed in the compute dtype."""
+
+    a: Arch
+    features: int
+    axes: tuple[str, str]
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(self.a.param_dtype))
+        return jnp.dot(x.astype(self.a.dtype), kernel.astype(self.a.dtype))
+
+
+class Attention(nn.Module):
+    a: Arch
+    layout: Layout
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        a, b, t = self.a, x.shape[0], x.shape[1]
+        out_std = 0.02 / math.sqrt(2 * a.n_layers)
+        q = Linear(a, a.n_heads * a.head_dim, ("embed", "heads"), name="q_proj")(x)
+        k = Linear(a, a.n_kv_heads * a.head_dim, ("embed", "kv_heads"), name="k_proj")(x)
+        v = Linear(a, a.n_kv_heads * a.head_dim, ("embed", "kv_heads"), name="v_proj")(x)
+        q = apply_rope(q.reshape(b, t, a.n_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, a.n_kv_heads, a.head_dim), cos, sin)
+        v = v.reshape(b, t, a.n_kv_heads, a.head_dim)
+        q = self.layout.constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = self.layout.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = self.layout.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
+                     self.layout.mesh_axes("batch"), self.layout.mesh_axes("heads"))
+        return Linear(a, a.dim, ("heads", "embed"), std=out_std, name="o_proj")(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    a: Arch
+
+    @nn.compact
+    def __call__(self, x):
+        a = self.a
+        gate = Linear(a, a.ffn_dim, ("embed", "mlp"), name="gate_proj")(x)
+        up = Linear(a, a.ffn_dim, ("embed", "mlp"), name="up_proj")(x)
+        h = nn.silu(gate) * up
+        return Linear(a, a.dim, ("mlp", "embed"), std=0.02 / math.sqrt(2 * a.n_layers), name="down_proj")(h)
+
+
+class Block(nn.Module):
+    a: Arch
+    layout: Layout
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        h = x + Attention(self.a, self.layout, name="self_attn")(RMSNorm(self.a, name="input_layernorm")(x),
+                                                                cos, sin, segment_ids)
+        out = h + MLP(self.a, name="mlp")(RMSNorm(self.a, name="post_attention_layernorm")(h))
+        return self.layout.constrain(out, ("batch", "length", "embed")), None
+
+
+class Embed(nn.Module):
+    a: Arch
+
+    def setup(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.a.vocab_size, self.a.dim),
+                                    jnp.dtype(self.a.param_dtype))
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.a.dtype)
+
+    def attend(self, x):
+        return jnp.dot(x.astype(self.a.dtype), self.embedding.T.astype(self.a.dtype), preferred_element_type=F32)
+
+
+class Llama(nn.Module):
+    """``__call__`` gives float32 logits; ``hidden`` gives the final normed states (for chunked losses)."""
+
+    a: Arch
+    layout: Layout = Layout(None)
+
+    def setup(self):
+        a = self.a
+        self.embed_tokens = Embed(a)
+        block = Block
+        if a.remat != "none":
+            block = nn.remat(Block, policy=_REMAT[a.remat], prevent_cse=not a.scan_layers)
+        if a.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            self.layers = stack(a, self.layout)
+        else:
+            self.layers = [block(a, self.layout) for _ in range(a.n_layers)]
+        self.norm = RMSNorm(a)
+        if not a.tie_embeddings:
+            self.lm_head = Linear(a, a.vocab_size, ("embed", "vocab"))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        cos, sin = rope_tables(self.a, positions)
+        x = self.layout.constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
+        if self.a.scan_layers:
+            x, _ = self.layers(x, cos, sin, segment_ids)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, segment_ids)
+        return self.norm(x)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        if self.a.tie_embeddings:
+            return self.embed_tokens.attend(x)
+        return self.lm_head(x).astype(F32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        return self.head(self.hidden(tokens, positions, segment_ids))
+
+
+def head_kernel(params: dict, a: Arch) -> jax.Array:
+    """The LM head as an [embed, vocab] matrix (the transposed embedding when tied)."""
+    if a.tie_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Scanned tree (``layers`` stacked) -> unrolled tree (``layers_0`` ... ``layers_{n-1}``)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Inverse of :func:`unstack_layers`: the canonical stacked layout."""
+    if "layers" in params:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])
+    return out

@@ -1,0 +1,199 @@
+"""The training loop: build mesh, model, state and step from a Config, then run and log.
+
+Metrics stay on device between log steps (no per-step host sync), so dispatch runs ahead of the
+accelerator; a log step fetches the pending metrics, and the time between log steps gives
+throughput. Only process 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from jaxllama.config import Config, save_config
+from jaxllama.errors import ConfigError, RunError
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.mesh import make_mesh
+from jaxllama.parallel.sharding import Layout, rules_from_config
+from jaxllama.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from jaxllama.train.optimizer import make_optimizer
+from jaxllama.train.step import BATCH_KEYS, init_state, make_loss_fn, make_train_step
+
+
+@dataclass
+class Trainer:
+    """Everything a run needs, built once from the config (also used by benchmarks and tests)."""
+
+    cfg: Config
+    arch: Arch
+    layout: Layout
+    model: Llama
+    state: Any
+    state_shardings: Any
+    step_fn: Callable  # jitted, donates the state
+    schedule: Callable
+
+    @classmethod
+    def build(cls, cfg: Config, devices: list | None = None) -> "Trainer":
+        mesh = make_mesh(cfg, devices)
+        layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
+        arch = Arch.from_config(cfg.model)
+        model = Llama(arch, layout)
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        state, shardings = init_state(model, tx, layout, cfg.train.seed)
+        loss_fn = make_loss_fn(model, arch, cfg.data.seq_len, cfg.train.z_loss, cfg.train.loss_chunk)
+        step = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout)
+        batch_sh = {k: layout.batch_sharding() for k in BATCH_KEYS}
+        step_fn = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, layout.replicated()),
+                          donate_argnums=(0,))
+        return cls(cfg, arch, layout, model, state, shardings, step_fn, schedule)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays sharded over the batch axes."""
+        sharding = self.layout.batch_sharding()
+        b = self.cfg.data.global_batch
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]), (b,) + local[k].shape[1:])
+                for k in BATCH_KEYS}
+
+    def compile(self, batch: dict[str, jax.Array]) -> float:
+        """Compile ahead of the first step; returns seconds spent."""
+        start = time.perf_counter()
+        self.step_fn = self.step_fn.lower(self.state, batch).compile()
+        return time.perf_counter() - start
+
+    def step(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.state, metrics = self.step_fn(self.state, batch)
+        return metrics
+
+
+def new_run_dir(root: str = "runs") -> str:
+    base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return str(path)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    if cfg.run_dir is None:
+        cfg.run_dir = new_run_dir()
+    run_dir = Path(cfg.run_dir)
+    if jax.process_index() == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"run_dir {run_dir}: cannot create it ({e.strerror})") from None
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise one plain line per log step."""
+
+    def __init__(self, total: int, enabled: bool, out: Callable[[str], None]):
+        self.out = out
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict, n: int) -> None:
+        text = (f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(text)
+        else:
+            self.out(f"step {record['step']:>6} | {text} | lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | None = None,
+          out: Callable[[str], None] = print) -> dict:
+    """Train per ``cfg``; returns the summary (also printed as one line)."""
+    is_main = jax.process_index() == 0
+    say = out if is_main else (lambda _: None)
+    trainer = Trainer.build(cfg, devices)
+    run_dir = prepare_run_dir(cfg)
+    if source is None:
+        from jaxllama.data.sources import make_source
+
+        source = make_source(cfg)
+    a, d, t = trainer.arch, cfg.data, cfg.train
+    n_dev = trainer.layout.mesh.size
+    peak, peak_src = peak_flops_per_device(t.peak_flops)
+    flops = flops_per_token(a, d.seq_len)
+    flops_nc = flops_per_token(a, d.seq_len, causal=False)
+    writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=t.tensorboard)
+    mesh_desc = ", ".join(f"{k}={v}" for k, v in trainer.layout.mesh.shape.items())
+    say(f"jaxllama: {cfg.model.preset} ({a.dtype} compute, attention {a.attention}) on {n_dev} "
+        f"{jax.devices()[0].platform} device(s), mesh {mesh_desc}; run dir {run_dir}")
+    say(f"peak FLOP/s per device: {peak:.3g}, {peak_src}")
+
+    batch = trainer.global_batch(next(source))
+    say(f"compiled the train step in {trainer.compile(batch):.1f}s")
+    progress = Progress(t.steps, t.progress and is_main, say)
+    tokens_per_step = d.global_batch * d.seq_len
+    pending: list = []
+    history: list[dict] = []
+    bad_in_row = skipped = 0
+    last_time = time.perf_counter()
+    try:
+        for step in range(t.steps):
+            if step:
+                batch = trainer.global_batch(next(source))
+            pending.append(trainer.step(batch))
+            if (step + 1) % t.log_every and step + 1 != t.steps:
+                continue
+            fetched = jax.device_get(pending)
+            pending = []
+            now = time.perf_counter()
+            elapsed, last_time = now - last_time, now
+            for m in fetched:
+                bad_in_row = 0 if m["finite"] else bad_in_row + 1
+                skipped += 1 - int(m["finite"])
+            finite = [m for m in fetched if m["finite"]]
+            tps = tokens_per_step * len(fetched) / elapsed
+            record = dict(
+                step=step + 1,
+                loss=float(np.mean([m["loss"] for m in finite])) if finite else math.nan,
+                grad_norm=float(np.mean([m["grad_norm"] for m in finite])) if finite else math.nan,
+                lr=float(fetched[-1]["lr"]), tokens_per_s=tps,
+                mfu=tps / n_dev * flops / peak if peak else 0.0,
+                mfu_noncausal=tps / n_dev * flops_nc / peak if peak else 0.0,
+                step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
+            writer.write(record)
+            progress.update(record, len(fetched))
+            history.append(record)
+            if bad_in_row >= t.max_nonfinite:
+                raise RunError(f"loss was not finite for {bad_in_row} steps in a row (up to step {step + 1}); "
+                               f"stopping (train.max_nonfinite={t.max_nonfinite}); try a lower optim.lr")
+    finally:
+        progress.close()
+        writer.close()
+    summary = summarize(history, t.steps, run_dir)
+    say(summary["line"])
+    return summary
+
+
+def summarize(history: list[dict], steps: int, run_dir: Path) -> dict:
+    """Mean throughput skips the first interval when there are others (it carries warm-up)."""
+    timed = history[1:] or history
+    tps = float(np.mean([r["tokens_per_s"] for r in timed]))
+    mfu = float(np.mean([r["mfu"] for r in timed]))
+    first, last = history[0]["loss"], history[-1]["loss"]
+    line = (f"done: {steps} steps, loss {first:.4f} -> {last:.4f}, {tps:,.0f} tokens/s, "
+            f"MFU {100 * mfu:.2f}%, skipped {history[-1]['skipped_nonfinite']} non-finite; run dir {run_dir}")
+    return dict(steps=steps, first_loss=first, final_loss=last, tokens_per_s=tps, mfu=mfu, run_dir=str(run_dir),
+                history=history, line=line)

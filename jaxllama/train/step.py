@@ -1,0 +1,148 @@
+"""Loss, train state and the train step: pure functions, jitted by the loop with shardings.
+
+The loss never builds a float32 [batch, seq, vocab] tensor for large vocabularies: the LM head and
+cross-entropy run over sequence chunks inside a rematerialized scan, so only one chunk's logits
+exist at a time, forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxllama.model.llama import Arch, Llama, head_kernel
+from jaxllama.parallel.sharding import Layout, opt_state_shardings
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+F32 = jnp.float32
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def loss_chunk_size(seq_len: int, vocab: int, requested: int = 0) -> int:
+    """Largest divisor of seq_len not above ``requested`` (or, when 0, keeping chunk x vocab <= 2^24)."""
+    target = requested or max(1, (1 << 24) // vocab)
+    return max(c for c in range(1, seq_len + 1) if seq_len % c == 0 and c <= max(target, 1))
+
+
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array,
+                          chunk: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Sums of masked next-token NLL and of logsumexp^2 (for z-loss), in float32, chunk by chunk."""
+    b, t, d = hidden.shape
+    n = t // chunk
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ms = mask.reshape(b, n, chunk).swapaxes(0, 1).astype(F32)
+
+    @jax.checkpoint
+    def one(h, tgt, m):
+        logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=F32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - picked) * m), jnp.sum(lse * lse * m)
+
+    def body(carry, xs):
+        nll, z = one(*xs)
+        return (carry[0] + nll, carry[1] + z), None
+
+    (nll, z), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), F32)), (hs, ts, ms))
+    return nll, z
+
+
+def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_chunk: int = 0) -> Callable:
+    """``loss_fn(params, batch) -> (objective_sum, (nll_sum, n_tokens))``: sums, so micro-batches add up."""
+    chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
+
+    def loss_fn(params, batch):
+        hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             method=Llama.hidden)
+        nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
+                                       chunk, a.dtype)
+        return nll + z_loss * z, (nll, jnp.sum(batch["loss_mask"].astype(F32)))
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int = 1, layout: Layout = Layout(None)) -> Callable:
+    """One optimizer step over a global batch, accumulating ``grad_accum`` micro-batches with scan.
+
+    A non-finite loss or gradient leaves params and optimizer state unchanged (``finite`` = 0).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch):
+        if grad_accum == 1:
+            (_, (nll, n)), grads = grad_fn(params, batch)
+            return grads, nll, n
+
+        def split(x):  # rows j, j+k, j+2k, ... form micro-batch j: every batch shard feeds each one
+            x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+            return layout.constrain(x, (None, "batch", "length"))
+
+        def body(carry, micro):
+            (_, (nll, n)), g = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, carry, (g, nll, n)), None
+
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params), jnp.zeros((), F32), jnp.zeros((), F32))
+        (grads, nll, n), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+        return grads, nll, n
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grads, nll, n = gradients(state.params, batch)
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        loss = nll / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state))
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=n,
+                       finite=finite.astype(jnp.int32))
+        return new_state, metrics
+
+    return train_step
+
+
+def abstract_params(model: Llama, seq_len: int = 1) -> Any:
+    """Parameter shapes with their logical-axis boxes, never materialized."""
+    unsharded = model.clone(layout=Layout(None))
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda t: unsharded.init(jax.random.key(0), t)["params"], tokens)
+
+
+def state_shardings(model: Llama, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings): parameters by their logical names, moments like their params."""
+    boxed = abstract_params(model)
+    param_sh = layout.tree_shardings(boxed)
+    params = nn.unbox(boxed)
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = opt_state_shardings(tx, opt, param_sh, layout.replicated())
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt)
+    return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh)
+
+
+def init_state(model: Llama, tx: optax.GradientTransformation, layout: Layout, seed: int) -> tuple[TrainState, TrainState]:
+    """Parameters and optimizer state created directly in their shards (jit with out_shardings)."""
+    _, shardings = state_shardings(model, tx, layout)
+    unsharded = model.clone(layout=Layout(None))
+
+    def init(key):
+        params = nn.unbox(unsharded.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return state, shardings

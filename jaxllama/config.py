@@ -304,6 +304,8 @@ def validate(cfg: Config) -> None:
     _choice("model.attention", m.attention, ATTENTION_IMPLS)
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _positive("data.seq_len", d.seq_len)
+    if m.attention == "splash" and d.seq_len % 128:
+        raise ConfigError(f"data.seq_len={d.seq_len}: model.attention=splash needs a multiple of 128")
     _positive("data.global_batch", d.global_batch)
     if d.seq_len > m.max_position:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds the model's positions (model.max_position={m.max_position})")

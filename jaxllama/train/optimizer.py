@@ -13,7 +13,16 @@ from jaxllama.config import OptimConfig
 
 
 def make_schedule(o: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr``, then cosine decay, warmup-stable-decay, or a constant."""
+    """Linear warmup to ``lr``, then cosine decay, warmup-stable-decay, or a constant.
+
+    Step ``s`` uses the base schedule at ``s + 1`` (as torchtitan does), so the first update is
+    not wasted at a learning rate of zero; the last step reaches ``lr * min_lr_ratio``.
+    """
+    base = _base_schedule(o, steps)
+    return lambda count: base(count + 1)
+
+
+def _base_schedule(o: OptimConfig, steps: int) -> optax.Schedule:
     warmup = min(o.warmup_steps, steps)
     end = o.lr * o.min_lr_ratio
     if o.schedule == "cosine":

@@ -1,0 +1,27 @@
+"""8 simulated CPU devices for every test, set before JAX is imported; shared small fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set too late?)"
+
+
+@pytest.fixture
+def make_cfg():
+    """``make_cfg("model.preset=debug", ...)`` -> a validated Config (debug preset by default)."""
+    from jaxllama.config import load_config
+
+    def make(*overrides: str):
+        return load_config(None, ["model.preset=debug", "data.seq_len=32", "data.global_batch=8", *overrides])
+
+    return make

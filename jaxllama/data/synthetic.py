@@ -1,7 +1,8 @@
 """A synthetic source that needs no files and no TensorFlow: a seeded sparse Markov chain.
 
-Every token has ``branching`` possible successors, so a model can learn the chain down to
-ln(branching) nats while random weights start near ln(vocab): a real, visible learning signal for
+Every token has ``branching`` possible successors, drawn Zipf-like from the vocabulary, so a
+model can learn the chain down to about ln(branching) nats while random weights start near
+ln(vocab): a real, visible learning signal for
 the demo and the tests, and free input for benchmarks. Batch ``i`` depends only on (seed, i), so
 the position in the stream is just the number of batches taken.
 """
@@ -26,7 +27,10 @@ class SyntheticSource:
         self.local_rows = slice(process_index * global_batch // process_count,
                                 (process_index + 1) * global_batch // process_count)
         rng = np.random.default_rng(LANGUAGE_SEED)
-        self.successors = rng.integers(0, vocab_size, size=(vocab_size, branching))
+        # Successors follow a Zipf-like law, as words do: frequent tokens are learned first (the
+        # loss falls early), the rare transitions later.
+        zipf = 1.0 / (np.arange(vocab_size) + 10.0)
+        self.successors = rng.choice(vocab_size, size=(vocab_size, branching), p=zipf / zipf.sum())
         self.position = 0
 
     def batch(self, index: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,63 @@
+"""The `jaxllama` command as a user runs it: exit codes, one-line errors, info, help."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxllama import cli
+from jaxllama.errors import RunError
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "jaxllama.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args, word", [
+    (["train", "train.stepz=5"], "train.stepz"),
+    (["train", "model.preset=llama9-1t"], "model.preset"),
+    (["train", "mesh.tensor=3", "mesh.data=1", "mesh.fsdp=1"], "mesh"),
+    (["train", "train.steps=banana"], "train.steps"),
+    (["train", "data.seq_len=-4"], "seq_len"),
+    (["train", "data.global_batch=7", "mesh.data=8"], "global_batch"),
+    (["train", "--config", "/nonexistent/cfg.yaml"], "config"),
+    (["train", "--bogus-flag"], "unrecognized"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, word):
+    p = run(*args)
+    out = (p.stdout + p.stderr).strip()
+    assert p.returncode == 2, out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out and word in out, out
+
+
+def test_debug_shows_the_traceback():
+    p = run("train", "train.stepz=5", "--debug")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_runtime_errors_exit_1(monkeypatch, capsys):
+    def boom(cfg):
+        raise RunError("loss was not finite for 5 steps in a row")
+
+    monkeypatch.setattr("jaxllama.train.loop.train", boom)
+    assert cli.main(["train", "train.steps=1"]) == 1
+    assert capsys.readouterr().err.strip() == "jaxllama: error: loss was not finite for 5 steps in a row"
+
+
+def test_info_reports_count_memory_and_flops():
+    p = run("info", "model.preset=llama3-8b", "mesh.fsdp=4", "mesh.tensor=2")
+    assert p.returncode == 0, p.stderr
+    assert "8,030,261,248" in p.stdout and "fsdp=4" in p.stdout and "FLOPs/token" in p.stdout
+    # fp32 params split 8 ways: 8.03e9 * 4 bytes / 8 = 3.74 GiB per device
+    assert "params 3.7" in p.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--help"]])
+def test_help(args):
+    p = run(*args)
+    assert p.returncode == 0 and "usage" in p.stdout

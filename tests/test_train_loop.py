@@ -1,0 +1,51 @@
+"""The training loop end to end: loss falls, metrics and config are written, NaNs stop the run."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxllama.config import load_config
+from jaxllama.data.synthetic import SyntheticSource
+from jaxllama.errors import RunError
+from jaxllama.train.loop import train
+
+FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s"}
+
+
+def test_tiny_loss_falls_in_30_steps(tmp_path):
+    cfg = load_config(None, ["model.preset=tiny", "train.steps=30", "train.log_every=5", "data.seq_len=64",
+                             "data.global_batch=16", "optim.warmup_steps=5", "mesh.data=2", "mesh.fsdp=4",
+                             f"run_dir={tmp_path / 'run'}"])
+    lines = []
+    summary = train(cfg, out=lines.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert FIELDS <= set(rows[0])
+    assert rows[0]["loss"] > np.log(2048) - 1.5  # starts near uniform over the vocabulary
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.5
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert summary["final_loss"] == rows[-1]["loss"] and lines[-1].startswith("done: 30 steps")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["dim"] == 256 and saved["run_dir"] == str(tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class PoisonedSource(SyntheticSource):
+    """Every batch has a NaN in its loss mask, so every loss is NaN."""
+
+    def __next__(self):
+        batch = super().__next__()
+        batch["loss_mask"] = batch["loss_mask"].copy()
+        batch["loss_mask"][0, 0] = np.nan
+        return batch
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path):
+    cfg = load_config(None, ["model.preset=debug", "train.steps=20", "train.log_every=1", "data.seq_len=32",
+                             "data.global_batch=8", "train.max_nonfinite=3", f"run_dir={tmp_path}"])
+    with pytest.raises(RunError, match="3 steps in a row"):
+        train(cfg, source=PoisonedSource(cfg.model.vocab_size, 32, 8), out=lambda _: None)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["skipped_nonfinite"] == 3

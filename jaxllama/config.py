@@ -105,7 +105,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 150
+    steps: int = 100
     log_every: int = 10
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step

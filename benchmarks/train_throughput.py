@@ -1,0 +1,111 @@
+"""Training throughput and MFU for a preset, mesh, seq_len and batch: one JSON line.
+
+    python benchmarks/train_throughput.py --preset tiny --seq-len 128 --batch 16 --torch
+
+With ``--torch`` the same architecture (Hugging Face ``LlamaForCausalLM``, PyTorch, AdamW) trains
+on the same batch shape in the same process, so the two figures share the machine's state. Both
+MFUs use ARCHITECTURE.md's FLOPs per token and the same peak; ``ratio`` = jaxllama / torch tokens/s.
+Extra ``key=value`` arguments are jaxllama config overrides (e.g. ``model.dtype=bfloat16 mesh.tensor=2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxllama.config import load_config
+from jaxllama.data.synthetic import SyntheticSource
+from jaxllama.train.loop import Trainer
+from jaxllama.train.metrics import flops_per_token, peak_flops_per_device
+
+
+def bench_jaxllama(cfg, warmup: int, steps: int) -> dict:
+    trainer = Trainer.build(cfg)
+    src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.global_batch, seed=0)
+    batches = [trainer.global_batch(next(src)) for _ in range(2)]
+    compile_s = trainer.compile(batches[0])
+    for i in range(warmup):
+        metrics = trainer.step(batches[i % 2])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        metrics = trainer.step(batches[i % 2])
+    jax.block_until_ready((metrics, trainer.state))
+    elapsed = time.perf_counter() - start
+    return dict(tokens_per_s=steps * cfg.data.global_batch * cfg.data.seq_len / elapsed, compile_s=compile_s,
+                final_loss=float(metrics["loss"]), arch=trainer.arch, devices=trainer.layout.mesh.size)
+
+
+def bench_torch(arch, seq_len: int, batch: int, warmup: int, steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxllama.convert.hf_names import hf_config_dict
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(arch), attn_implementation="sdpa")).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    src = SyntheticSource(arch.vocab_size, seq_len, batch, seed=0)
+    data = [torch.from_numpy(np.concatenate([b["tokens"], b["targets"][:, -1:]], 1).astype(np.int64))
+            for b in (src.batch(0), src.batch(1))]
+
+    def step(ids):
+        # input ids[:, :-1], labels ids[:, 1:]: the same seq_len tokens per row as jaxllama trains
+        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    for i in range(warmup):
+        step(data[i % 2])
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(data[i % 2])
+    elapsed = time.perf_counter() - start
+    return dict(tokens_per_s=steps * batch * seq_len / elapsed, final_loss=float(loss), threads=torch.get_num_threads())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--torch", action="store_true", help="also train HF transformers (PyTorch) in this run")
+    p.add_argument("overrides", nargs="*", help="jaxllama config overrides")
+    args = p.parse_args(argv)
+    cfg = load_config(None, [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}",
+                             f"data.global_batch={args.batch}", "optim.warmup_steps=0", *args.overrides])
+    peak, peak_src = peak_flops_per_device(cfg.train.peak_flops)
+    ours = bench_jaxllama(cfg, args.warmup, args.steps)
+    arch = ours.pop("arch")
+    flops = flops_per_token(arch, args.seq_len)
+    n = ours["devices"]
+    result = dict(preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=arch.dtype,
+                  attention=arch.attention, backend=jax.default_backend(), devices=n,
+                  device_kind=jax.devices()[0].device_kind, peak_flops_per_device=peak, peak_source=peak_src,
+                  flops_per_token=flops, jaxllama_tokens_per_s=round(ours["tokens_per_s"], 1),
+                  jaxllama_mfu=round(ours["tokens_per_s"] / n * flops / peak, 4) if peak else None,
+                  jaxllama_compile_s=round(ours["compile_s"], 2))
+    if args.torch:
+        theirs = bench_torch(arch, args.seq_len, args.batch, args.warmup, args.steps)
+        host_peak = peak * jax.local_device_count() if jax.default_backend() == "cpu" else peak
+        result.update(torch_tokens_per_s=round(theirs["tokens_per_s"], 1),
+                      torch_mfu=round(theirs["tokens_per_s"] * flops / host_peak, 4) if peak else None,
+                      torch_threads=theirs["threads"],
+                      ratio=round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

@@ -25,6 +25,8 @@ def run(*args, timeout=120):
     (["train", "data.seq_len=-4"], "seq_len"),
     (["train", "data.global_batch=7", "mesh.data=8"], "global_batch"),
     (["train", "--config", "/nonexistent/cfg.yaml"], "config"),
+    (["train", "mesh.tensor=8", "mesh.fsdp=1"], "not divisible by mesh.tensor=8"),  # tiny has 4 kv heads
+    (["train", "data.seq_len=4096"], "model.max_position"),
     (["train", "--bogus-flag"], "unrecognized"),
     (["fly"], "invalid choice"),
 ])

@@ -30,13 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxllama", description="Train, inspect and run Llama models with JAX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train a model (no arguments: the CPU demo)", epilog=EPILOG,
-                           description="Train a Llama model. With no arguments, trains the tiny demo model on CPU.")
-    _add_config_args(train)
-    info = sub.add_parser("info", help="parameter count, per-device memory and FLOPs/token", epilog=EPILOG,
-                          description="Describe a model on the configured mesh without materializing it.")
-    _add_config_args(info)
+    # One line per verb; each _add_<verb> builds its sub-parser and sets func=cmd_<verb>.
+    _add_train(sub)
+    _add_info(sub)
     return parser
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no arguments: the CPU demo)", epilog=EPILOG,
+                       description="Train a Llama model. With no arguments, trains the tiny demo model on CPU.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameter count, per-device memory and FLOPs/token", epilog=EPILOG,
+                       description="Describe a model on the configured mesh without materializing it.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_info)
 
 
 def _load(args):
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "info": cmd_info}[args.verb](args)
+        return args.func(args)
     except JaxllamaError as e:
         if debug:
             raise

@@ -1,0 +1,83 @@
+"""Plain-Python document readers (no TensorFlow): the stdlib corpus and local text/JSONL files.
+
+Tokenizer training and anything that must run without TensorFlow read documents from here; the
+tf.data pipeline lists the same files through :func:`resolve_files` so both agree on what a
+source contains and in which order.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from jaxllama.errors import ConfigError
+
+FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord")
+
+
+def stdlib_files() -> list[str]:
+    """The ``.py`` files of the running Python's standard library, sorted (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+    if not files:
+        raise ConfigError(f"data.source: stdlib: no .py files under {root}")
+    return sorted(str(p) for p in files)
+
+
+def resolve_files(pattern: str, key: str = "data.source") -> list[str]:
+    """Files matching a glob (``**`` allowed), sorted; a pattern with no match is a one-line error."""
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+    if not files:
+        raise ConfigError(f"{key}: no files match {pattern!r}")
+    return files
+
+
+def file_format(path: str, fmt: str = "auto") -> str:
+    """``auto`` picks by extension: .jsonl/.json -> jsonl, .tfrecord* -> tfrecord, else text."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    name = Path(path).name.lower()
+    if name.endswith((".jsonl", ".json", ".jsonl.gz")):
+        return "jsonl"
+    if ".tfrecord" in name:
+        return "tfrecord"
+    return "text"
+
+
+def read_documents(path: str, fmt: str = "auto", text_key: str = "text") -> Iterator[str]:
+    """Documents of one local file: the whole file (text), one per line (lines), or ``text_key`` (jsonl)."""
+    fmt = file_format(path, fmt)
+    if fmt == "tfrecord":
+        raise ConfigError(f"{path}: TFRecord files are read by the tf.data pipeline, not as plain text")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if fmt == "text":
+            text = f.read()
+            if text:
+                yield text
+            return
+        for lineno, line in enumerate(f, 1):
+            if fmt == "lines":
+                if line.strip():
+                    yield line.rstrip("\n")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or text_key not in record:
+                raise ConfigError(f"{path}:{lineno}: no key {text_key!r} (set data.text_key)")
+            yield str(record[text_key])
+
+
+def iter_documents(spec: str, fmt: str = "auto", text_key: str = "text") -> Iterator[str]:
+    """Documents of ``stdlib`` or a file glob, in file order (for tokenizer training and tests)."""
+    files = stdlib_files() if spec == "stdlib" else resolve_files(spec, key="--input")
+    for path in files:
+        yield from read_documents(path, "text" if spec == "stdlib" else fmt, text_key)

@@ -26,6 +26,8 @@ ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "wsd", "constant")
 ROPE_TYPES = ("default", "llama3")
+DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord")
+PACKING_MODES = ("pack", "concat")
 
 # The default logical-axis rules. Order matters: a mesh axis already used by an earlier dimension
 # of the same array is skipped, so activations [batch, length, embed] shard batch over
@@ -84,9 +86,29 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
+    """Where documents come from, how they become tokens, and how tokens become [batch, seq_len] rows.
+
+    source: ``stdlib`` (the demo corpus), ``synthetic``, ``tfds:NAME[:VERSION]``, or a file glob
+    (optionally ``files:GLOB``) of text, JSONL or TFRecord files.
+    """
+
     source: str = "synthetic"
     seq_len: int = 128
     global_batch: int = 16
+    tokenizer: str | None = None  # a tokenizer file/folder; None with stdlib: train one and cache it
+    format: str = "auto"  # files: auto | text (a document per file) | lines | jsonl | tfrecord
+    text_key: str = "text"  # the field holding text in JSONL, TFRecord and TFDS records
+    tfds_data_dir: str | None = None
+    split: str = "train"  # TFDS split read for training
+    packing: str = "pack"  # pack (documents never cross a row; pad the rest) | concat (concatenate and chunk)
+    add_bos: bool | None = None  # None: the tokenizer family's convention
+    add_eos: bool | None = None
+    shuffle: bool = True
+    shuffle_buffer: int = 1024  # documents
+    eval_source: str | None = None  # a separate eval source (same syntax as source)
+    eval_split: str = "validation"  # TFDS split read for eval when eval_source is a tfds: source
+    eval_fraction: float = 0.0  # else hold out this fraction of the training source's documents
+    prefetch: int = 4  # batches prepared ahead in a background thread
 
 
 @dataclass
@@ -309,6 +331,12 @@ def validate(cfg: Config) -> None:
     _positive("data.global_batch", d.global_batch)
     if d.seq_len > m.max_position:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds the model's positions (model.max_position={m.max_position})")
+    _choice("data.format", d.format, DATA_FORMATS)
+    _choice("data.packing", d.packing, PACKING_MODES)
+    if d.shuffle_buffer < 1 or d.prefetch < 0:
+        raise ConfigError("data.shuffle_buffer must be >= 1 and data.prefetch >= 0")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     for name in ("lr", "eps"):
         _positive(f"optim.{name}", getattr(o, name))
     for name in ("b1", "b2"):

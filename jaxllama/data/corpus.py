@@ -10,12 +10,13 @@ from __future__ import annotations
 import glob
 import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from jaxllama.errors import ConfigError
 
-FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord")
+from jaxllama.config import DATA_FORMATS as FORMATS
 
 
 def stdlib_files() -> list[str]:
@@ -81,3 +82,26 @@ def iter_documents(spec: str, fmt: str = "auto", text_key: str = "text") -> Iter
     files = stdlib_files() if spec == "stdlib" else resolve_files(spec, key="--input")
     for path in files:
         yield from read_documents(path, "text" if spec == "stdlib" else fmt, text_key)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source string: kind is stdlib | files | tfds | synthetic."""
+
+    kind: str
+    pattern: str = ""  # files: the glob
+    name: str = ""  # tfds: NAME[:VERSION]
+
+    @classmethod
+    def parse(cls, spec: str, key: str = "data.source") -> "SourceSpec":
+        if spec in ("stdlib", "synthetic"):
+            return cls(spec)
+        if spec.startswith("tfds:"):
+            name = spec[len("tfds:"):]
+            if not name:
+                raise ConfigError(f"{key}: 'tfds:' needs a dataset name, e.g. tfds:c4/en:3.0.1")
+            return cls("tfds", name=name)
+        pattern = spec[len("files:"):] if spec.startswith("files:") else spec
+        if not pattern:
+            raise ConfigError(f"{key}: empty; use stdlib, synthetic, tfds:NAME[:VERSION] or a file glob")
+        return cls("files", pattern=pattern)

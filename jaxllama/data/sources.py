@@ -1,4 +1,9 @@
-"""``data.source`` -> an iterator of per-process numpy batches. TensorFlow-backed sources import lazily."""
+"""``data.source`` -> an iterator of this process's numpy batches (with ``state()``/``restore()``).
+
+Batches are dicts of [local_batch, seq_len] arrays: tokens, targets, segment_ids, positions,
+loss_mask, where local_batch = global_batch / process_count. TensorFlow is imported only when a
+text source is built, so the synthetic source (benchmarks, the GPU machine) needs none.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,72 @@ from typing import Any
 import jax
 
 from jaxllama.config import Config
-from jaxllama.data.synthetic import SyntheticSource
+from jaxllama.data.corpus import SourceSpec
 from jaxllama.errors import ConfigError
 
+EVAL_SEED_OFFSET = 1_000_003  # synthetic eval batches come from a different stream than training's
 
-def make_source(cfg: Config) -> Any:
-    """The training batch iterator for ``cfg`` on this process."""
-    src = cfg.data.source
-    if src == "synthetic":
-        return SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.global_batch, seed=cfg.train.seed,
-                               process_index=jax.process_index(), process_count=jax.process_count())
-    raise ConfigError(f"data.source: {src!r} is not available yet; supported: synthetic")
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ConfigError(f"data.global_batch={global_batch} must be divisible by the {process_count} processes")
+    return global_batch // process_count
+
+
+def make_source(cfg: Config, split: str = "train", process_index: int | None = None,
+                process_count: int | None = None) -> Any:
+    """The batch iterator for ``split`` ("train": endless; "eval": one pass over the eval documents).
+
+    Eval data is ``data.eval_source`` when set, else the held-out ``data.eval_fraction`` of
+    ``data.source``; asking for eval with neither is a one-line error.
+    """
+    d = cfg.data
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    local = local_batch_size(d.global_batch, pc)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split {split!r}")
+    key, spec_text, tfds_split, holdout = "data.source", d.source, d.split, None
+    if split == "eval":
+        if d.eval_source:
+            key, spec_text, tfds_split = "data.eval_source", d.eval_source, d.eval_split
+        elif d.eval_fraction > 0:
+            holdout = "eval"
+        else:
+            raise ConfigError("no eval data: set data.eval_source or data.eval_fraction")
+    elif d.eval_fraction > 0 and not d.eval_source:
+        holdout = "train"
+    spec = parse_source(spec_text, key)
+    if spec.kind == "synthetic":
+        from jaxllama.data.synthetic import SyntheticSource
+
+        seed = cfg.train.seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
+        return SyntheticSource(cfg.model.vocab_size, d.seq_len, d.global_batch, seed=seed,
+                               process_index=pi, process_count=pc)
+    from jaxllama.data.pipeline import TextSource
+
+    tok = open_tokenizer(cfg, spec.kind)
+    return TextSource(spec, d, tok, local_batch=local, seed=cfg.train.seed, process_index=pi, process_count=pc,
+                      split=tfds_split, holdout=holdout, finite=split == "eval", key=key)
+
+
+def parse_source(text: str, key: str = "data.source") -> SourceSpec:
+    return SourceSpec.parse(text, key)
+
+
+def open_tokenizer(cfg: Config, kind: str = "stdlib"):
+    """``data.tokenizer``, or for the stdlib corpus the cached demo tokenizer sized to the model's vocab."""
+    from jaxllama.data.tokenizers import cached_stdlib_tokenizer, load_tokenizer
+
+    d, vocab = cfg.data, cfg.model.vocab_size
+    if d.tokenizer:
+        path = d.tokenizer
+    elif kind == "stdlib":
+        path = cached_stdlib_tokenizer(vocab)
+    else:
+        raise ConfigError("data.tokenizer: required for a text source (a SentencePiece/tiktoken tokenizer.model "
+                          "or a tokenizer.json; `jaxllama tokenizer train` makes one)")
+    tok = load_tokenizer(path)
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"data.tokenizer: {path} has {tok.vocab_size} tokens but model.vocab_size is {vocab}")
+    return tok

@@ -1,0 +1,99 @@
+"""``data.source`` -> a tf.data dataset of document strings for one process and one epoch.
+
+Sharding over processes: by file when there are at least as many files as processes (each process
+reads whole files, no wasted reads), else by element (``Dataset.shard``; TFDS uses
+``tfds.split_for_jax_process``). Shuffling is seeded: the file order is permuted per epoch and a
+document buffer is shuffled with a seed derived from (seed, epoch), so the same seed and process
+layout give the same documents in the same order, run after run.
+
+A held-out eval fraction is chosen by a hash of the document text, so it does not depend on the
+order, the epoch or the number of processes, and train and eval never share a document.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from jaxllama.config import DataConfig
+from jaxllama.data.corpus import SourceSpec, file_format, read_documents, resolve_files, stdlib_files
+from jaxllama.errors import ConfigError
+
+HOLDOUT_BUCKETS = 10_000
+
+
+def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle: bool, process_index: int,
+              process_count: int, split: str, holdout: str | None = None, key: str = "data.source") -> tf.data.Dataset:
+    """This process's documents (tf.string scalars) for one epoch, shuffled if asked.
+
+    ``holdout``: None (all documents), "train" (without the held-out fraction) or "eval" (only it).
+    """
+    if spec.kind == "tfds":
+        ds = _tfds_documents(spec.name, d, split, epoch, seed, shuffle, process_index, process_count, key)
+    else:
+        files = stdlib_files() if spec.kind == "stdlib" else resolve_files(spec.pattern, key)
+        fmt = "text" if spec.kind == "stdlib" else d.format
+        if shuffle:
+            files = [files[i] for i in np.random.default_rng([seed, epoch, 17]).permutation(len(files))]
+        by_file = len(files) >= process_count
+        if by_file:
+            files = files[process_index::process_count]
+        ds = _file_documents(files, fmt, d.text_key)
+        if not by_file:
+            ds = ds.shard(process_count, process_index)
+    if holdout is not None and d.eval_fraction > 0:
+        cut = int(round(d.eval_fraction * HOLDOUT_BUCKETS))
+        in_eval = lambda text: tf.strings.to_hash_bucket_fast(text, HOLDOUT_BUCKETS) < cut  # noqa: E731
+        ds = ds.filter(in_eval if holdout == "eval" else lambda text: tf.logical_not(in_eval(text)))
+    if shuffle:
+        ds = ds.shuffle(d.shuffle_buffer, seed=_seed(seed, epoch), reshuffle_each_iteration=False)
+    return ds
+
+
+def _seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 29]).integers(0, 2**31 - 1))
+
+
+def _file_documents(files: list[str], fmt: str, text_key: str) -> tf.data.Dataset:
+    formats = {file_format(f, fmt) for f in files}
+    if formats == {"text"}:
+        return tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file).filter(lambda t: tf.strings.length(t) > 0)
+    if formats == {"tfrecord"}:
+        feature = {text_key: tf.io.FixedLenFeature([], tf.string)}
+        return tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, feature)[text_key])
+    if "tfrecord" in formats:
+        raise ConfigError("data.source: the files mix TFRecord with text/JSONL; use one kind per source")
+
+    def generate():  # lines / JSONL: plain Python reads give file:line errors; tokenizing stays in tf.data
+        for f in files:
+            for text in read_documents(f, fmt, text_key):
+                yield text
+
+    return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
+
+
+def _tfds_documents(name: str, d: DataConfig, split: str, epoch: int, seed: int, shuffle: bool,
+                    process_index: int, process_count: int, key: str) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=d.tfds_data_dir)
+    except Exception as e:  # unknown name or version: TFDS raises several types
+        raise ConfigError(f"{key}: tfds:{name}: {str(e).splitlines()[0]}") from None
+    if not builder.is_prepared():
+        where = d.tfds_data_dir or "the default TFDS data dir"
+        raise ConfigError(f"{key}: tfds:{name} is not prepared in {where} (set data.tfds_data_dir; "
+                          "this machine cannot download)")
+    if split not in builder.info.splits:
+        raise ConfigError(f"data.split: {split!r} is not a split of tfds:{name} "
+                          f"(has {', '.join(sorted(builder.info.splits))})")
+    features = builder.info.features
+    if hasattr(features, "keys") and d.text_key not in features.keys():
+        raise ConfigError(f"data.text_key: {d.text_key!r} is not a feature of tfds:{name} "
+                          f"(has {', '.join(sorted(features.keys()))})")
+    sub = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+    options = tf.data.Options()
+    options.deterministic = True
+    read = tfds.ReadConfig(shuffle_seed=_seed(seed, epoch) if shuffle else None, options=options)
+    ds = builder.as_dataset(split=sub, shuffle_files=shuffle, read_config=read)
+    return ds.map(lambda ex: ex[d.text_key])

@@ -1,0 +1,149 @@
+"""Documents of token ids -> fixed-length training rows (pure numpy, no TensorFlow).
+
+Two modes:
+
+* ``pack``: each document (split into ``seq_len``-sized pieces when longer) goes whole into one
+  row; rows hold several documents told apart by ``segment_ids`` (1, 2, ...), positions restart at
+  0 in each segment, and the unused tail is padding (segment 0, ``loss_mask`` 0). Attention and
+  the loss never cross a document. Pieces go first-fit into a small window of open rows, which
+  keeps padding low without reordering much.
+* ``concat``: documents are concatenated into one stream and cut into rows (GPT style); no
+  padding, attention runs across document boundaries.
+
+Every token after the first of a document is predicted exactly once: a document of n tokens gives
+n - 1 (input, target) pairs, and a long document's pieces overlap by one token.
+
+The packer's whole state is a few arrays (:meth:`Packer.state`), so a pipeline resumes exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROW_KEYS = ("tokens", "targets", "segment_ids", "positions")
+
+
+class Packer:
+    """Accumulates documents with :meth:`add`; complete rows come out of :meth:`pop`."""
+
+    def __init__(self, seq_len: int, mode: str = "pack", pad_id: int = 0, window: int = 8):
+        if mode not in ("pack", "concat"):
+            raise ValueError(f"packing mode {mode!r}")
+        self.seq_len, self.mode, self.pad_id, self.window = seq_len, mode, pad_id, window
+        self.open = self._empty(0)  # rows still being filled: arrays [k, seq_len]
+        self.fill = np.zeros(0, np.int64)  # tokens used in each open row
+        self.nseg = np.zeros(0, np.int64)  # segments in each open row
+        self.ready: list[dict[str, np.ndarray]] = []  # finished rows, in order
+        self.stream = np.zeros(0, np.int32)  # concat mode: tokens not yet in a row
+        self.real_tokens = 0  # non-pad tokens in rows handed out
+        self.total_tokens = 0
+
+    def _empty(self, k: int) -> dict[str, np.ndarray]:
+        t = self.seq_len
+        return {"tokens": np.full((k, t), self.pad_id, np.int32), "targets": np.full((k, t), self.pad_id, np.int32),
+                "segment_ids": np.zeros((k, t), np.int32), "positions": np.zeros((k, t), np.int32)}
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def add(self, ids: np.ndarray) -> None:
+        """One document's token ids (BOS/EOS already added as wanted). Fewer than 2 tokens: nothing to learn."""
+        ids = np.asarray(ids, np.int32)
+        if ids.size < 2:
+            return
+        if self.mode == "concat":
+            self.stream = np.concatenate([self.stream, ids])
+            t = self.seq_len
+            n_rows = (self.stream.size - 1) // t
+            for r in range(n_rows):
+                piece = self.stream[r * t: r * t + t + 1]
+                self.ready.append({"tokens": piece[:-1].copy(), "targets": piece[1:].copy(),
+                                   "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32)})
+            self.stream = self.stream[n_rows * t:]
+            return
+        for start in range(0, ids.size - 1, self.seq_len):
+            self._place(ids[start: start + self.seq_len + 1])
+
+    def _place(self, piece: np.ndarray) -> None:
+        n = piece.size - 1  # (input, target) pairs in this piece
+        free = self.seq_len - self.fill
+        fits = np.nonzero(free >= n)[0]
+        if fits.size:
+            row = int(fits[0])
+        else:
+            if self.fill.size >= self.window:  # window full: retire the fullest row to make room
+                self._retire(int(np.argmax(self.fill)))
+            self._open_row()
+            row = self.fill.size - 1
+        a, b = int(self.fill[row]), int(self.fill[row]) + n
+        self.nseg[row] += 1
+        self.open["tokens"][row, a:b] = piece[:-1]
+        self.open["targets"][row, a:b] = piece[1:]
+        self.open["segment_ids"][row, a:b] = self.nseg[row]
+        self.open["positions"][row, a:b] = np.arange(n, dtype=np.int32)
+        self.fill[row] = b
+        if b == self.seq_len:
+            self._retire(row)
+
+    def _open_row(self) -> None:
+        new = self._empty(1)
+        self.open = {k: np.concatenate([self.open[k], new[k]]) for k in ROW_KEYS}
+        self.fill = np.append(self.fill, 0)
+        self.nseg = np.append(self.nseg, 0)
+
+    def _retire(self, row: int) -> None:
+        self.ready.append({k: self.open[k][row].copy() for k in ROW_KEYS})
+        keep = np.arange(self.fill.size) != row
+        self.open = {k: v[keep] for k, v in self.open.items()}
+        self.fill, self.nseg = self.fill[keep], self.nseg[keep]
+
+    def flush(self) -> None:
+        """End of a finite stream: open rows become ready (padded); a concat tail becomes a padded row."""
+        while self.fill.size:
+            self._retire(0)
+        if self.mode == "concat" and self.stream.size >= 2:
+            t, n = self.seq_len, self.stream.size - 1
+            row = self._empty(1)
+            row = {k: v[0] for k, v in row.items()}
+            row["tokens"][:n], row["targets"][:n] = self.stream[:-1], self.stream[1:]
+            row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
+            self.ready.append(row)
+        self.stream = np.zeros(0, np.int32)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def pop(self, n: int) -> dict[str, np.ndarray]:
+        """The next ``n`` ready rows as a batch with ``loss_mask``; fewer ready rows are padded."""
+        rows, self.ready = self.ready[:n], self.ready[n:]
+        rows += [{k: v[0] for k, v in self._empty(1).items()} for _ in range(n - len(rows))]
+        batch = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+        batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
+        self.real_tokens += int(batch["loss_mask"].sum())
+        self.total_tokens += batch["loss_mask"].size
+        return batch
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of handed-out row slots holding real tokens (1.0 before any row)."""
+        return self.real_tokens / self.total_tokens if self.total_tokens else 1.0
+
+    # -- exact resume --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that describe the packer completely (copies: later adds do not change them)."""
+        ready = {k: np.stack([r[k] for r in self.ready]) if self.ready else np.zeros((0, self.seq_len), np.int32)
+                 for k in ROW_KEYS}
+        out = {f"open_{k}": v.copy() for k, v in self.open.items()}
+        out.update({f"ready_{k}": v for k, v in ready.items()})
+        out.update(fill=self.fill.copy(), nseg=self.nseg.copy(), stream=self.stream.copy(),
+                   counts=np.array([self.real_tokens, self.total_tokens], np.int64))
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        if state["open_tokens"].shape[1:] != (self.seq_len,):
+            raise ValueError(f"packer state has rows of {state['open_tokens'].shape[1:]}, expected ({self.seq_len},)")
+        self.open = {k: np.array(state[f"open_{k}"], np.int32) for k in ROW_KEYS}
+        n_ready = state["ready_tokens"].shape[0]
+        self.ready = [{k: np.array(state[f"ready_{k}"][i], np.int32) for k in ROW_KEYS} for i in range(n_ready)]
+        self.fill, self.nseg = np.array(state["fill"], np.int64), np.array(state["nseg"], np.int64)
+        self.stream = np.array(state["stream"], np.int32)
+        self.real_tokens, self.total_tokens = (int(x) for x in state["counts"])

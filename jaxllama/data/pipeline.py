@@ -1,0 +1,181 @@
+"""The text pipeline: documents (tf.data) -> token ids (tokenizer inside tf.data) -> packed rows (numpy).
+
+tf.data reads, shuffles and tokenizes in parallel threads outside the GIL; a small Python packer
+turns documents into rows, and a background thread keeps ``data.prefetch`` batches ready so the
+train step never waits on input.
+
+Exact resume: the position is (epoch, documents taken this epoch, the packer's arrays). The
+document stream of an epoch is deterministic, so restoring skips that many raw documents
+*before* tokenization (cheap) and puts the packer back as it was: the resumed run sees exactly
+the batches it would have seen, none repeated and none skipped. Each process has its own state.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxllama.config import DataConfig
+from jaxllama.data.packing import Packer
+from jaxllama.errors import RunError
+
+TOKENIZE_BATCH = 64  # documents per tokenizer call inside tf.data
+_STOP = object()
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """Arrays -> base64 text (so a state stays JSON)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_arrays(text: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(base64.b64decode(text))) as z:
+        return {k: z[k] for k in z.files}
+
+
+class TextSource:
+    """Iterator of this process's rows of each global batch, with ``state()``/``restore()``.
+
+    ``finite=True`` (eval): one pass, no shuffle; the last batch is padded with empty rows and
+    iteration then stops.
+    """
+
+    def __init__(self, spec, d: DataConfig, tokenizer, *, local_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, split: str = "train", holdout: str | None = None, finite: bool = False,
+                 key: str = "data.source"):
+        self.spec, self.d, self.tok = spec, d, tokenizer
+        self.local_batch, self.seed, self.finite, self.key = local_batch, seed, finite, key
+        self.process_index, self.process_count, self.split, self.holdout = process_index, process_count, split, holdout
+        self.add_bos = tokenizer.add_bos if d.add_bos is None else d.add_bos
+        self.add_eos = tokenizer.add_eos if d.add_eos is None else d.add_eos
+        self.epoch, self.docs = 0, 0  # position of the producer
+        self.packer = Packer(d.seq_len, d.packing, pad_id=tokenizer.pad_id)
+        self._consumed: dict[str, Any] | None = None  # snapshot after the last batch handed out
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+        self.efficiency = 1.0
+
+    # -- producer ------------------------------------------------------------------------------
+
+    def _token_batches(self, epoch: int, skip: int) -> Iterator[list[np.ndarray]]:
+        import tensorflow as tf
+
+        from jaxllama.data.documents import documents
+        from jaxllama.data.tokenizers import tf_tokenize
+
+        ds = documents(self.spec, self.d, epoch=epoch, seed=self.seed, shuffle=self.d.shuffle and not self.finite,
+                       process_index=self.process_index, process_count=self.process_count, split=self.split,
+                       holdout=self.holdout, key=self.key)
+        encode = tf_tokenize(self.tok)
+
+        def tokenize(texts):
+            ragged = encode(texts)
+            return ragged.flat_values, ragged.row_lengths()
+
+        ds = ds.skip(skip).batch(TOKENIZE_BATCH).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        for flat, lengths in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            yield np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
+
+    def _document(self, ids: np.ndarray) -> np.ndarray:
+        parts = ([[self.tok.bos_id]] if self.add_bos and self.tok.bos_id is not None else []) + [ids]
+        if self.add_eos and self.tok.eos_id is not None:
+            parts.append([self.tok.eos_id])
+        return np.concatenate(parts).astype(np.int32)
+
+    def _produce(self) -> None:
+        try:
+            while not self._halt.is_set():
+                got = 0
+                for docs in self._token_batches(self.epoch, self.docs):
+                    for ids in docs:
+                        self.packer.add(self._document(ids))
+                        self.docs += 1
+                        got += 1
+                        while len(self.packer.ready) >= self.local_batch:
+                            if not self._emit():
+                                return
+                if self.finite:
+                    self.packer.flush()
+                    while self.packer.ready:
+                        if not self._emit():
+                            return
+                    break
+                if got == 0 and self.docs == 0:
+                    raise RunError(f"{self.key}: process {self.process_index} of {self.process_count} got no "
+                                   f"documents from {self._describe()}")
+                self.epoch, self.docs = self.epoch + 1, 0
+            self._put(_STOP)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def _emit(self) -> bool:
+        batch = self.packer.pop(self.local_batch)
+        snapshot = {"epoch": self.epoch, "docs": self.docs, "packer": self.packer.state()}
+        return self._put((batch, snapshot, self.packer.efficiency))
+
+    def _put(self, item) -> bool:
+        while not self._halt.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _describe(self) -> str:
+        s = self.spec
+        return {"tfds": f"tfds:{s.name} split {self.split}", "files": s.pattern}.get(s.kind, s.kind)
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def __iter__(self) -> "TextSource":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=max(1, self.d.prefetch))
+            self._halt.clear()
+            self._thread = threading.Thread(target=self._produce, name="jaxllama-data", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if item is _STOP:
+            self._queue.put(_STOP)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item
+        batch, self._consumed, self.efficiency = item
+        return batch
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def state(self) -> dict:
+        """JSON-serializable position after the last batch handed out (this process only)."""
+        snap = self._consumed or {"epoch": self.epoch, "docs": self.docs, "packer": self.packer.state()}
+        return {"kind": "text", "epoch": snap["epoch"], "docs": snap["docs"], "packer": encode_arrays(snap["packer"]),
+                "process_index": self.process_index, "process_count": self.process_count}
+
+    def restore(self, state: dict) -> None:
+        """Continue exactly after the batch ``state`` was taken from (same source, seed and process layout)."""
+        if state.get("kind") != "text":
+            raise RunError(f"data state is for a {state.get('kind')!r} source, not a text source")
+        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
+            raise RunError(f"data state was saved by process {state['process_index']} of {state['process_count']}, "
+                           f"this is process {self.process_index} of {self.process_count}")
+        self.close()
+        self.epoch, self.docs = int(state["epoch"]), int(state["docs"])
+        self.packer = Packer(self.d.seq_len, self.d.packing, pad_id=self.tok.pad_id)
+        self.packer.restore(decode_arrays(state["packer"]))
+        self._consumed = None

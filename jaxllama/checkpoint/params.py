@@ -1,0 +1,160 @@
+"""Parameters alone: save them with their model config, load them from any checkpoint we write.
+
+``save_params`` writes an Orbax composite checkpoint with two items, ``params`` (the canonical
+tree) and ``model`` (the resolved :class:`ModelConfig` as JSON), so a loader needs nothing else.
+A training checkpoint step has the same two items (plus optimizer, train and data state), so
+``load_params`` reads either the same way, and a run dir resolves to its latest complete step.
+Paths go through Orbax/TensorStore unchanged, so ``gs://...`` works like a local folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxllama.config import ModelConfig
+from jaxllama.errors import ConfigError, RunError
+
+PARAMS, MODEL = "params", "model"
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/<step>/
+
+
+def model_config_dict(model_cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(model_cfg)
+
+
+def model_config_from_dict(d: dict, where: str) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown model config fields {', '.join(unknown)} (written by a newer jaxllama?)")
+    return ModelConfig(**d)
+
+
+def save_params(path: str, params: Any, model_cfg: ModelConfig) -> None:
+    """Write ``params`` (canonical tree of jax or numpy arrays) and ``model_cfg`` to a new directory ``path``.
+
+    Orbax writes into a temporary directory and renames it when complete, so an interrupted save
+    never leaves something ``load_params`` would read. An existing ``path`` is refused rather than
+    replaced, so a typo cannot destroy a checkpoint.
+    """
+    target = epath.Path(path)
+    if target.exists():
+        raise ConfigError(f"{path}: already exists; save_params writes a new directory (remove it or pick another)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(target, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            MODEL: ocp.args.JsonSave(model_config_dict(model_cfg)),
+        }))
+
+
+def is_params_dir(path: epath.Path) -> bool:
+    """A directory holding the ``params`` and ``model`` items (params-only export or a training step)."""
+    return (path / PARAMS).is_dir() and (path / MODEL).is_dir()
+
+
+def complete_steps(checkpoints_dir: epath.Path) -> list[int]:
+    """Steps whose checkpoint Orbax finalized, oldest first (temporary, half-written ones excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(checkpoints_dir, options=options) as mngr:
+        return sorted(mngr.all_steps())
+
+
+def resolve_params_dirs(path: str) -> list[epath.Path]:
+    """The candidate directories ``path`` names, best first: itself, or a run's steps newest first."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: no such checkpoint directory")
+    if is_params_dir(p):
+        return [p]
+    for ckpt_dir in (p / CHECKPOINTS, p):
+        steps = complete_steps(ckpt_dir)
+        if steps:
+            return [ckpt_dir / str(s) for s in reversed(steps)]
+    raise ConfigError(f"{path}: not a jaxllama checkpoint (expected a params dir with '{PARAMS}/' and '{MODEL}/', "
+                      f"a training checkpoint step, or a run dir with complete checkpoints under '{CHECKPOINTS}/')")
+
+
+def read_model_config(step_dir: epath.Path) -> ModelConfig:
+    tree = ocp.JsonCheckpointHandler().restore(step_dir / MODEL)
+    return model_config_from_dict(tree, str(step_dir / MODEL))
+
+
+def abstract_from_metadata(item_dir: epath.Path, shardings: Any = None, dtype: Any = None) -> Any:
+    """ShapeDtypeStructs for the arrays stored in ``item_dir``, placed per ``shardings`` (default: one device)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(item_dir).item_metadata.tree
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if shardings is None:
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=default), meta)
+    try:
+        return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), meta, shardings)
+    except ValueError as e:
+        raise ConfigError(f"{item_dir}: the given shardings do not match the stored parameter tree ({e})") from None
+
+
+def check_shapes(stored: Any, expected: Any, where: str) -> None:
+    """Raise ConfigError naming every leaf whose stored shape differs from the expected one."""
+    s_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    e_flat = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    name = jax.tree_util.keystr
+    diffs = [f"{name(k)}: checkpoint {tuple(s_flat[k].shape)}, expected {tuple(v.shape)}"
+             for k, v in e_flat.items() if k in s_flat and tuple(s_flat[k].shape) != tuple(v.shape)]
+    missing = [name(k) for k in e_flat if k not in s_flat]
+    extra = [name(k) for k in s_flat if k not in e_flat]
+    if missing:
+        diffs.append(f"missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        diffs.append(f"not expected: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    if diffs:
+        raise ConfigError(f"{where}: shapes differ from the config: {'; '.join(diffs)}")
+
+
+def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = None) -> Any:
+    abstract = abstract_from_metadata(step_dir / PARAMS, shardings, dtype)
+    if shardings is not None:
+        check_shapes(abstract, abstract, str(step_dir))  # structure already matched by tree.map
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(step_dir / PARAMS, abstract)
+
+
+def first_readable(candidates: list[epath.Path], read: Callable[[epath.Path], Any],
+                   say: Callable[[str], None] = print) -> tuple[epath.Path, Any]:
+    """``read`` the first candidate that reads cleanly; a damaged one is reported and skipped."""
+    errors = []
+    for i, d in enumerate(candidates):
+        try:
+            return d, read(d)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure marks the checkpoint as damaged
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            errors.append(f"{d}: {first_line}")
+            if i + 1 < len(candidates):
+                say(f"checkpoint {d} is damaged or incomplete ({first_line}); falling back to {candidates[i + 1]}")
+    raise RunError("no readable checkpoint: " + " | ".join(errors))
+
+
+def load_params(path: str, shardings: Any = None, dtype: Any = None) -> tuple[Any, ModelConfig]:
+    """Parameters and model config from a params dir, a training step dir, or a run dir (latest complete step).
+
+    With ``shardings`` (a pytree of ``NamedSharding`` matching the params) every array is read
+    directly into its shards; otherwise onto this process's first device. ``dtype`` (e.g.
+    ``jnp.bfloat16``) casts on read.
+    """
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+
+    def read(d: epath.Path) -> tuple[Any, ModelConfig]:
+        model_cfg = read_model_config(d)
+        return restore_params(d, shardings, dtype), model_cfg
+
+    _, (params, model_cfg) = first_readable(resolve_params_dirs(path), read)
+    return params, model_cfg

@@ -140,12 +140,25 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Orbax checkpoints of the training state under ``dir`` (default RUN_DIR/checkpoints; gs:// works)."""
+
+    enabled: bool = True
+    every: int = 50  # save every N steps (and always at the end and on SIGTERM); 0: only those
+    keep: int = 3  # most recent checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    async_save: bool = True  # write in the background while training continues
+    dir: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str | None = None  # None: a new folder under runs/
 
     def to_dict(self) -> dict:
@@ -359,6 +372,10 @@ def validate(cfg: Config) -> None:
     if d.global_batch % t.grad_accum:
         raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by train.grad_accum={t.grad_accum}")
     _validate_mesh_shape(cfg.mesh)
+    for name in ("every", "keep_every"):
+        if getattr(cfg.checkpoint, name) < 0:
+            raise ConfigError(f"checkpoint.{name}: must be >= 0, got {getattr(cfg.checkpoint, name)}")
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
 
 
 def _validate_mesh_shape(mesh: MeshConfig) -> None:

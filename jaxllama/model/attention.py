@@ -83,6 +83,24 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     return fn(q, k, v, segment_ids)
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Decode-step attention over a KV cache whose slot j holds position j of the same row.
+
+    ``q`` [batch, q_len, heads, head_dim] at ``q_positions`` [batch, q_len]; caches [batch, cache_len,
+    kv_heads, head_dim]. A query sees slots 0..its position; later slots (stale or padding) are masked,
+    so rows of different lengths share one cache without any per-row bookkeeping here.
+    """
+    b, t, h, d = q.shape
+    kv_heads, s = k_cache.shape[2], k_cache.shape[1]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(d)
+    mask = (jnp.arange(s)[None, None, :] <= q_positions[:, :, None])[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
 def resolve_impl(name: str) -> str:
     """``auto`` picks the fastest kernel for the backend in use."""
     if name != "auto":
@@ -105,4 +123,4 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
-__all__ = ["attend", "causal_mask", "xla_attention", "dot_product_attention", "splash_attention", "resolve_impl"]
+__all__ = ["attend", "cached_attention", "causal_mask", "xla_attention", "dot_product_attention", "splash_attention", "resolve_impl"]

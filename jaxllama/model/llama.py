@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllama.model.attention import attend, resolve_impl
+from jaxllama.model.attention import attend, cached_attention, resolve_impl
 from jaxllama.parallel.sharding import Layout
 
 F32 = jnp.float32
@@ -134,7 +134,13 @@ class Attention(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None):
+        """``cache``: None (training) or this layer's (k, v) [batch, cache_len, kv_heads, head_dim].
+
+        With a cache, the new keys/values are written at ``positions`` and returned as the new cache.
+        A multi-token call is a prefill from position 0 (causal attention over the new tokens); a
+        one-token call is a decode step that attends to every cached slot up to its own position.
+        """
         a, b, t = self.a, x.shape[0], x.shape[1]
         out_std = 0.02 / math.sqrt(2 * a.n_layers)
         q = Linear(a, a.n_heads * a.head_dim, ("embed", "heads"), name="q_proj")(x)
@@ -146,9 +152,15 @@ class Attention(nn.Module):
         q = self.layout.constrain(q, ("batch", "length", "heads", "head_dim"))
         k = self.layout.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = self.layout.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
-                     self.layout.mesh_axes("batch"), self.layout.mesh_axes("heads"))
-        return Linear(a, a.dim, ("heads", "embed"), std=out_std, name="o_proj")(out.reshape(b, t, -1))
+        if cache is not None:
+            cache = write_cache(cache, k, v, positions, self.layout)
+        if cache is not None and t == 1:
+            out = cached_attention(q, cache[0], cache[1], positions)
+        else:
+            out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
+                         self.layout.mesh_axes("batch"), self.layout.mesh_axes("heads"))
+        out = Linear(a, a.dim, ("heads", "embed"), std=out_std, name="o_proj")(out.reshape(b, t, -1))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -168,11 +180,14 @@ class Block(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
-        h = x + Attention(self.a, self.layout, name="self_attn")(RMSNorm(self.a, name="input_layernorm")(x),
-                                                                cos, sin, segment_ids)
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None):
+        attn = Attention(self.a, self.layout, name="self_attn")(RMSNorm(self.a, name="input_layernorm")(x),
+                                                               cos, sin, segment_ids, cache, positions)
+        if cache is not None:
+            attn, cache = attn
+        h = x + attn
         out = h + MLP(self.a, name="mlp")(RMSNorm(self.a, name="post_attention_layernorm")(h))
-        return self.layout.constrain(out, ("batch", "length", "embed")), None
+        return self.layout.constrain(out, ("batch", "length", "embed")), cache
 
 
 class Embed(nn.Module):
@@ -204,7 +219,7 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=_REMAT[a.remat], prevent_cse=not a.scan_layers)
         if a.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=a.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             self.layers = stack(a, self.layout)
         else:
@@ -215,16 +230,38 @@ class Llama(nn.Module):
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
+        return self._trunk(tokens, positions, segment_ids, None)[0]
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
+               last: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Forward with a KV cache ``(k, v)``, each [layers, batch, cache_len, kv_heads, head_dim].
+
+        ``tokens``/``positions`` [batch, len]: a prefill (len > 1, positions 0..len-1) or one decode
+        step (len 1, each row at its own position). Returns float32 logits [batch, vocab] at index
+        ``last`` [batch] of each row (default: the final one) and the updated cache; only those rows'
+        logits are computed, so a long prompt never materializes [batch, len, vocab].
+        """
+        h, cache = self._trunk(tokens, positions, None, cache)
+        idx = jnp.full((h.shape[0],), h.shape[1] - 1) if last is None else last
+        h = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+        return self.head(h), cache
+
+    def _trunk(self, tokens, positions, segment_ids, cache):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(self.a, positions)
         x = self.layout.constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
         if self.a.scan_layers:
-            x, _ = self.layers(x, cos, sin, segment_ids)
+            x, cache = self.layers(x, cos, sin, segment_ids, cache, positions)
         else:
-            for layer in self.layers:
-                x, _ = layer(x, cos, sin, segment_ids)
-        return self.norm(x)
+            new = []
+            for i, layer in enumerate(self.layers):
+                x, c = layer(x, cos, sin, segment_ids, None if cache is None else (cache[0][i], cache[1][i]),
+                             positions)
+                new.append(c)
+            if cache is not None:
+                cache = (jnp.stack([c[0] for c in new]), jnp.stack([c[1] for c in new]))
+        return self.norm(x), cache
 
     def head(self, x: jax.Array) -> jax.Array:
         if self.a.tie_embeddings:
@@ -233,6 +270,25 @@ class Llama(nn.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         return self.head(self.hidden(tokens, positions, segment_ids))
+
+
+def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, positions: jax.Array,
+                layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """Store k, v [batch, len, kv_heads, head_dim] into one layer's cache at slots ``positions``.
+
+    A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice; a decode step scatters
+    each row's single token to its own slot (rows advance independently).
+    """
+    names = ("batch", "length", "kv_heads", "head_dim")
+    out = []
+    for c, new in ((cache[0], k), (cache[1], v)):
+        new = new.astype(c.dtype)
+        if k.shape[1] > 1:
+            c = jax.lax.dynamic_update_slice(c, new, (0, 0, 0, 0))
+        else:
+            c = c.at[jnp.arange(c.shape[0]), positions[:, 0]].set(new[:, 0], mode="drop")
+        out.append(layout.constrain(c, names))
+    return out[0], out[1]
 
 
 def head_kernel(params: dict, a: Arch) -> jax.Array:

@@ -1,0 +1,56 @@
+"""Mean NLL and perplexity of parameters over an eval source (used by the loop and `jaxllama eval`).
+
+The eval step reuses the training loss function (same chunked cross-entropy, same masking), so an
+eval loss and a training loss on the same batch are the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+
+def make_eval_step(loss_fn: Callable, param_shardings: Any, batch_sharding: Any, replicated: Any) -> Callable:
+    """``eval_step(params, batch) -> (nll_sum, n_tokens)``, jitted with the given shardings."""
+
+    def eval_step(params, batch):
+        _, (nll, n) = loss_fn(params, batch)
+        return nll, n
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=(replicated, replicated))
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], to_global: Callable[[dict], dict],
+             empty_batch: Callable[[], dict], max_batches: int | None = None) -> dict[str, float]:
+    """Sums NLL and tokens over the eval batches (up to ``max_batches`` when set).
+
+    The step is a collective, so with several processes every one must run it the same number of
+    times: processes agree each step on whether any still has data, and one that has run dry
+    feeds ``empty_batch()`` (all loss_mask 0) until all have.
+    """
+    multi = jax.process_count() > 1
+    it = iter(batches)
+    pending, count = [], 0
+    while not max_batches or count < max_batches:
+        local = next(it, None)
+        if multi:
+            from jax.experimental import multihost_utils
+
+            more = multihost_utils.process_allgather(np.int32(local is not None))
+            if not np.any(more):
+                break
+            local = empty_batch() if local is None else local
+        elif local is None:
+            break
+        pending.append(eval_step(params, to_global(local)))
+        count += 1
+    nll_sum = n_sum = 0.0
+    for nll, n in jax.device_get(pending):
+        nll_sum += float(nll)
+        n_sum += float(n)
+    mean = nll_sum / n_sum if n_sum else math.nan
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700.0)) if n_sum else math.nan,
+            "eval_tokens": int(n_sum), "eval_batches": count}

@@ -1,0 +1,147 @@
+"""Format detection, ``load_model`` (for inference) and ``convert`` (for ``jaxllama convert``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxllama.config import ModelConfig
+from jaxllama.convert.common import Source, keep_until_exit, parse_dtype, stacked_params
+from jaxllama.errors import ConfigError
+
+FORMATS = ("hf", "meta", "gguf", "jaxllama")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def detect_format(path: str | Path) -> str:
+    """``hf`` (config.json), ``meta`` (params.json), ``gguf`` (a .gguf file) or ``jaxllama`` (Orbax dirs)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such file or folder")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise ConfigError(f"{p}: unknown checkpoint format (a file that is not GGUF; expected a .gguf file or a "
+                          f"Hugging Face, Meta or jaxllama folder)")
+    if (p / "config.json").is_file():
+        return "hf"
+    if (p / "params.json").is_file():
+        return "meta"
+    if ((p / "params").is_dir() and (p / "model").is_dir()) or (p / "checkpoints").is_dir() or \
+            any(c.is_dir() and c.name.isdigit() for c in p.iterdir()):
+        return "jaxllama"
+    raise ConfigError(f"{p}: unknown checkpoint format (no config.json, params.json, params/ + model/ or "
+                      f"checkpoints/; a GGUF model is a single .gguf file)")
+
+
+def open_source(path: str | Path, dtype: np.dtype | str | None = None) -> Source:
+    """A lazy reader of the checkpoint at ``path`` (format detected); use it as a context manager."""
+    if isinstance(dtype, str) or dtype is None:
+        dtype = parse_dtype(dtype)
+    fmt = detect_format(path)
+    if fmt == "hf":
+        from jaxllama.convert.hf import HFSource
+
+        return HFSource(path, dtype)
+    if fmt == "meta":
+        from jaxllama.convert.meta import MetaSource
+
+        return MetaSource(path, dtype)
+    if fmt == "gguf":
+        from jaxllama.convert.gguf_format import GGUFSource
+
+        return GGUFSource(path, dtype)
+    from jaxllama.convert.jaxllama_format import JaxllamaSource
+
+    return JaxllamaSource(path, dtype)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference.
+
+    ``params`` is the canonical Flax tree (numpy arrays; layers stacked). ``tokenizer_path`` is a
+    folder holding Hugging Face/Meta tokenizer files (``tokenizer.json`` and/or ``tokenizer.model``,
+    with ``tokenizer_config.json`` when known) -- for a GGUF file, a temporary folder with files
+    rebuilt from the tokenizer stored in the GGUF (removed when the process exits); None when the
+    checkpoint has no tokenizer. ``chat_template`` is the Jinja template, when the checkpoint has one.
+    """
+
+    params: dict
+    model_cfg: ModelConfig
+    tokenizer_path: str | None
+    chat_template: str | None
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+    format: str = ""
+
+
+def load_model(path: str, dtype: Any = None) -> LoadedModel:
+    """Read any supported checkpoint into the canonical tree; ``dtype`` (e.g. ``"bfloat16"``) casts on read."""
+    if dtype is not None and not isinstance(dtype, str):
+        dtype = np.dtype(dtype).name if np.dtype(dtype).name != "bfloat16" else "bfloat16"
+    src = open_source(path, dtype)
+    params = stacked_params(src)
+    ex = src.extras
+    tok = ex.tokenizer_dir
+    if tok is not None and ex.cleanup:  # a temporary folder (GGUF): keep it for the process's lifetime
+        keep_until_exit(list(ex.cleanup))
+        ex.cleanup.clear()
+    src.close()
+    return LoadedModel(params=params, model_cfg=src.model_cfg, tokenizer_path=str(tok) if tok else None,
+                       chat_template=ex.chat_template, bos_token_id=ex.bos_token_id, eos_token_id=ex.eos_token_id,
+                       format=detect_format(path))
+
+
+def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, gguf_type: str | None = None,
+            shard_size: int = 5 * 2**30, meta_shards: int = 1) -> Path:
+    """Convert ``src_path`` (format detected) to ``to`` at ``dst_path``; returns the written path.
+
+    ``dtype`` casts the weights (default: keep the source's); ``gguf_type`` picks the GGUF tensor type
+    (default: f32/f16/bf16 from ``dtype`` or the source dtype). Output is written under a temporary name
+    and renamed at the end.
+    """
+    if to not in FORMATS:
+        raise ConfigError(f"--to: {to!r} is not one of {', '.join(FORMATS)}")
+    if gguf_type is not None and to != "gguf":
+        raise ConfigError("--gguf-type applies only to --to gguf")
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"--gguf-type: {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if shard_size <= 0:
+        raise ConfigError(f"--shard-size: must be positive, got {shard_size}")
+    if Path(dst_path).exists():
+        raise ConfigError(f"{dst_path}: already exists; remove it or choose another destination")
+    with open_source(src_path, dtype) as src:
+        if to == "hf":
+            from jaxllama.convert.hf import write_hf
+
+            return write_hf(src, dst_path, shard_size)
+        if to == "meta":
+            from jaxllama.convert.meta import write_meta
+
+            return write_meta(src, dst_path, meta_shards)
+        if to == "gguf":
+            from jaxllama.convert.gguf_format import write_gguf
+
+            return write_gguf(src, dst_path, gguf_type)
+        from jaxllama.convert.jaxllama_format import write_jaxllama
+
+        return write_jaxllama(src, dst_path)
+
+
+def parse_size(text: str) -> int:
+    """``--shard-size`` values: bytes, or with a KB/MB/GB (10^3) or KiB/MiB/GiB (2^10) suffix."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--shard-size: {text!r} is not a size like 5GB, 500MiB or 1000000") from None
+    if value <= 0:
+        raise ConfigError(f"--shard-size: must be positive, got {text}")
+    return int(value)

@@ -1,0 +1,260 @@
+"""What every converter shares: the tensor stream, the one q/k permutation, dtypes, atomic output.
+
+A *source* is a lazily read checkpoint that hands out one canonical tensor at a time
+(``source.get("layers/self_attn/q_proj/kernel", layer=3)``): canonical names and layout
+(kernels ``[in, out]``, Hugging Face's half-split RoPE layout for q/k), without the stacked
+``layers`` axis. Writers pull tensors from a source in the order their format wants, so a
+conversion holds about one tensor (or one output shard) in memory, never the whole model.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from jaxllama.config import ModelConfig, resolve_model
+from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS
+from jaxllama.errors import ConfigError, RunError
+from jaxllama.model.presets import PRESETS
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
+
+# Canonical names (paths in the Flax tree; per-layer names are under ``layers/``).
+EMBED, NORM, HEAD = "embed_tokens/embedding", "norm/scale", "lm_head/kernel"
+LAYER_NAMES = [ours for ours, _ in LAYER_KERNELS] + [ours for ours, _ in LAYER_NORMS]
+Q, K = "self_attn/q_proj/kernel", "self_attn/k_proj/kernel"
+
+ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_position",
+               "norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+               "rope_high_freq_factor", "rope_original_max_position", "tie_embeddings")
+
+
+def parse_dtype(name: str | None) -> np.dtype | None:
+    """``--dtype`` value -> numpy dtype (bfloat16 via ml_dtypes); None keeps each source tensor's dtype."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dt: np.dtype) -> str:
+    for name, d in DTYPES.items():
+        if np.dtype(dt) == d:
+            return name
+    raise RunError(f"unsupported tensor dtype {dt}")
+
+
+def model_config(**fields) -> ModelConfig:
+    """A resolved ModelConfig with every architecture field explicit.
+
+    The preset is the published one whose shape matches (for readability of saved configs), else
+    ``debug`` -- irrelevant either way, since no field is left to fill from it.
+    """
+    fields = {k: v for k, v in fields.items() if v is not None}
+    missing = [k for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "norm_eps", "rope_theta")
+               if k not in fields]
+    if missing:
+        raise ConfigError(f"model description lacks {', '.join(missing)}")
+    fields.setdefault("n_kv_heads", fields["n_heads"])
+    fields.setdefault("head_dim", fields["dim"] // fields["n_heads"])
+    fields.setdefault("rope_type", "default")
+    fields.setdefault("tie_embeddings", False)
+    fields.setdefault("max_position", 4096)
+    preset = "debug"
+    for name, p in PRESETS.items():
+        if all(fields.get(k) == v for k, v in p.items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                                                    "ffn_dim", "vocab_size")):
+            preset = name
+            break
+    m = ModelConfig(preset=preset, **fields)
+    resolve_model(m)
+    return m
+
+
+def arch_fields(m: ModelConfig) -> dict:
+    return {k: getattr(m, k) for k in ARCH_FIELDS}
+
+
+def permute_qk(w: np.ndarray, n_heads: int, to_interleaved: bool) -> np.ndarray:
+    """THE q/k layout change between Hugging Face/jaxllama and Meta/GGUF (llama.cpp).
+
+    Meta's rotary pairs adjacent features (0,1),(2,3)... of each head; Hugging Face (and we) pair
+    feature i with i + head_dim/2. ``w`` has the heads*head_dim features on its last axis (our
+    ``[in, out]`` kernels, or a Meta/GGUF ``[out, in]`` weight transposed first).
+    """
+    *lead, feats = w.shape
+    hd = feats // n_heads
+    if to_interleaved:  # [.., h, 2, hd/2] -> [.., h, hd/2, 2]
+        x = w.reshape(*lead, n_heads, 2, hd // 2)
+    else:  # [.., h, hd/2, 2] -> [.., h, 2, hd/2]
+        x = w.reshape(*lead, n_heads, hd // 2, 2)
+    return np.ascontiguousarray(np.swapaxes(x, -1, -2)).reshape(*lead, feats)
+
+
+def expected_shape(m: ModelConfig, name: str) -> tuple[int, ...]:
+    """Shape of one canonical tensor (per layer, without the stacked axis)."""
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    return {
+        EMBED: (m.vocab_size, m.dim), NORM: (m.dim,), HEAD: (m.dim, m.vocab_size),
+        "self_attn/q_proj/kernel": (m.dim, q), "self_attn/k_proj/kernel": (m.dim, kv),
+        "self_attn/v_proj/kernel": (m.dim, kv), "self_attn/o_proj/kernel": (q, m.dim),
+        "mlp/gate_proj/kernel": (m.dim, m.ffn_dim), "mlp/up_proj/kernel": (m.dim, m.ffn_dim),
+        "mlp/down_proj/kernel": (m.ffn_dim, m.dim),
+        "input_layernorm/scale": (m.dim,), "post_attention_layernorm/scale": (m.dim,),
+    }[name]
+
+
+def check_shape(arr: np.ndarray, want: tuple[int, ...], where: str) -> np.ndarray:
+    if tuple(arr.shape) != tuple(want):
+        raise ConfigError(f"{where}: shape {tuple(arr.shape)} does not match the config's {tuple(want)}")
+    return arr
+
+
+@dataclass
+class Extras:
+    """Everything beside the weights that a conversion carries over."""
+
+    tokenizer_dir: Path | None = None  # a folder of Hugging Face / Meta tokenizer files
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    generation_config: dict | None = None
+    cleanup: list = field(default_factory=list)  # temp dirs to remove on close
+
+
+class Source:
+    """A lazily read checkpoint. Subclasses set ``model_cfg``/``extras`` and implement ``_read``."""
+
+    model_cfg: ModelConfig
+    extras: Extras
+    dtype: np.dtype | None = None  # None: each tensor as stored (bf16 stays bf16)
+    path: Path
+
+    def names(self) -> Iterator[tuple[str, int | None]]:
+        """Every canonical tensor in a writer-friendly order: embed, layer by layer, norm, head."""
+        yield EMBED, None
+        for i in range(self.model_cfg.n_layers):
+            for n in LAYER_NAMES:
+                yield n, i
+        yield NORM, None
+        if not self.model_cfg.tie_embeddings:
+            yield HEAD, None
+
+    def get(self, name: str, layer: int | None = None) -> np.ndarray:
+        """One canonical tensor, shape-checked, in ``self.dtype`` (or as stored)."""
+        arr = self._read(name, layer)
+        where = f"{self.path}: {name}" + (f" (layer {layer})" if layer is not None else "")
+        arr = check_shape(np.asarray(arr), expected_shape(self.model_cfg, name), where)
+        if self.dtype is not None and arr.dtype != self.dtype:
+            arr = arr.astype(np.float32).astype(self.dtype) if arr.dtype == BF16 else arr.astype(self.dtype)
+        elif arr.dtype not in DTYPES.values():
+            arr = arr.astype(np.float32)
+        return arr
+
+    def _read(self, name: str, layer: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def stored_dtype(self) -> np.dtype:
+        """The dtype writers should record (``torch_dtype``, GGUF file type...)."""
+        return self.dtype if self.dtype is not None else self.get(NORM).dtype
+
+    def close(self) -> None:
+        for d in self.extras.cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+        self.extras.cleanup.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def stacked_params(src: Source) -> dict:
+    """The canonical Flax tree (numpy), filled layer by layer into preallocated stacked arrays."""
+    m = src.model_cfg
+    tree: dict = {"embed_tokens": {"embedding": src.get(EMBED)}}
+    layers: dict = {}
+    for name in LAYER_NAMES:
+        first = src.get(name, 0)
+        stacked = np.empty((m.n_layers, *first.shape), first.dtype)
+        stacked[0] = first
+        for i in range(1, m.n_layers):
+            stacked[i] = src.get(name, i)
+        node = layers
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = stacked
+    tree["layers"] = layers
+    tree["norm"] = {"scale": src.get(NORM)}
+    if not m.tie_embeddings:
+        tree["lm_head"] = {"kernel": src.get(HEAD)}
+    return tree
+
+
+@contextlib.contextmanager
+def atomic_output(dst: str | Path, is_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; rename it to ``dst`` only if the block succeeds.
+
+    A failure (or Ctrl-C) removes the temporary, so no half-written DST is ever left behind.
+    An existing DST is refused rather than overwritten.
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise ConfigError(f"{dst}: already exists; remove it or choose another destination")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{dst}: parent folder {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    target = tmp / dst.name if is_file else tmp
+    try:
+        yield target
+        os.replace(target, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer_files(src_dir: Path | None, dst: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy the tokenizer files that exist in ``src_dir`` (by name) into ``dst``; returns what was copied."""
+    copied = []
+    if src_dir is None:
+        return copied
+    for n in names:
+        if (src_dir / n).is_file():
+            shutil.copyfile(src_dir / n, dst / n)
+            copied.append(n)
+    return copied
+
+
+def keep_until_exit(dirs: list) -> None:
+    """Remove temporary folders (e.g. a tokenizer rebuilt from a GGUF) when the process exits."""
+    for d in dirs:
+        atexit.register(shutil.rmtree, d, True)
+
+
+class ParamsSource(Source):
+    """An in-memory canonical tree as a source (to export freshly trained or random parameters)."""
+
+    def __init__(self, params: dict, model_cfg: ModelConfig, extras: Extras | None = None,
+                 dtype: np.dtype | None = None):
+        self.params, self.model_cfg, self.dtype = params, model_cfg, dtype
+        self.extras = extras or Extras()
+        self.path = Path("<params>")
+
+    def _read(self, name: str, layer: int | None) -> np.ndarray:
+        node = self.params if layer is None else self.params["layers"]
+        for part in name.split("/"):
+            node = node[part]
+        return np.asarray(node if layer is None else node[layer])

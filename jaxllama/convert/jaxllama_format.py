@@ -1,0 +1,75 @@
+"""jaxllama's own params-only format (Orbax, via :mod:`jaxllama.checkpoint`) as a conversion end.
+
+Reading restores the whole tree (Orbax reads arrays whole), so peak memory here is the model's
+size, unlike the other formats' tensor-by-tensor streaming. Tokenizer files travel in a
+``tokenizer/`` folder beside the Orbax items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxllama.convert.common import Extras, Source, atomic_output, copy_tokenizer_files, stacked_params
+from jaxllama.convert.hf import TOKENIZER_FILES, _read_json
+from jaxllama.errors import ConfigError
+
+TOKENIZER_DIR = "tokenizer"
+
+
+class JaxllamaSource(Source):
+    def __init__(self, path: str | Path, dtype: np.dtype | None = None):
+        from jaxllama.checkpoint import load_params
+
+        self.path, self.dtype = Path(path), dtype
+        params, self.model_cfg = load_params(str(path))
+        self.params = {k: np.asarray(v) for k, v in _flatten(params)}
+        tok = self.path / TOKENIZER_DIR
+        ex = Extras(tokenizer_dir=tok if tok.is_dir() else None)
+        if (tok / "tokenizer_config.json").is_file():
+            ex.chat_template = _read_json(tok / "tokenizer_config.json").get("chat_template")
+        if (tok / "generation_config.json").is_file():
+            gen = _read_json(tok / "generation_config.json")
+            ex.generation_config = gen
+            ex.bos_token_id, ex.eos_token_id = gen.get("bos_token_id"), gen.get("eos_token_id")
+        self.extras = ex
+
+    def _read(self, name: str, layer: int | None) -> np.ndarray:
+        key = name if layer is None else f"layers/{name}"
+        if key not in self.params:
+            raise ConfigError(f"{self.path}: parameter {key} not found")
+        arr = self.params[key]
+        return arr if layer is None else arr[layer]
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def write_jaxllama(src: Source, dst: str | Path) -> Path:
+    """A params-only jaxllama checkpoint (``save_params``) plus the source's tokenizer files."""
+    import json
+
+    from jaxllama.checkpoint import save_params
+
+    with atomic_output(dst, is_file=True) as out:
+        save_params(str(out), stacked_params(src), src.model_cfg)
+        ex = src.extras
+        tok = out / TOKENIZER_DIR
+        tok.mkdir()
+        copy_tokenizer_files(ex.tokenizer_dir, tok, TOKENIZER_FILES)
+        if ex.chat_template and not (tok / "tokenizer_config.json").is_file():
+            (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": ex.chat_template}, indent=2))
+        gen = dict(ex.generation_config or {})
+        for k, v in (("bos_token_id", ex.bos_token_id), ("eos_token_id", ex.eos_token_id)):
+            if v is not None:
+                gen.setdefault(k, v)
+        if gen:
+            (tok / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return Path(dst)
+

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     # One line per verb; each _add_<verb> builds its sub-parser and sets func=cmd_<verb>.
     _add_train(sub)
     _add_info(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -68,6 +69,33 @@ def cmd_info(args) -> int:
     from jaxllama.info import format_info, model_info
 
     print(format_info(model_info(_load(args))))
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints: Hugging Face, Meta, GGUF, jaxllama",
+                       description="Convert SRC (format detected: a Hugging Face folder, a Meta folder, a .gguf "
+                                   "file, a jaxllama params/checkpoint/run dir) to --to's format at DST. Tensors "
+                                   "stream one at a time; DST appears only when complete.")
+    p.add_argument("src", help="source checkpoint (file or folder)")
+    p.add_argument("dst", help="destination (must not exist)")
+    p.add_argument("--to", required=True, choices=("jaxllama", "hf", "meta", "gguf"), help="output format")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast weights (default: as stored)")
+    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF tensor type (default: from --dtype or the source; norms stay f32)")
+    p.add_argument("--shard-size", default="5GB", help="Hugging Face: max bytes per safetensors file (default 5GB)")
+    p.add_argument("--shards", type=int, default=1, help="Meta: number of model-parallel shards (default 1)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from jaxllama.convert import convert
+    from jaxllama.convert.api import parse_size
+
+    out = convert(args.src, args.dst, args.to, dtype=args.dtype, gguf_type=args.gguf_type,
+                  shard_size=parse_size(args.shard_size), meta_shards=args.shards)
+    print(f"wrote {out} ({args.to})")
     return 0
 
 

@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: the CPU demo)", epilog=EPILOG,
-                       description="Train a Llama model. With no arguments, trains the tiny demo model on CPU.")
+                       description="Train a Llama model. With no arguments, trains the tiny demo model on CPU. "
+                                   "An existing run_dir resumes from its latest complete checkpoint.")
     _add_config_args(p)
+    p.add_argument("--no-resume", action="store_true",
+                   help="refuse to continue a run_dir that already has checkpoints (error instead of resuming)")
     p.set_defaults(func=cmd_train)
 
 
@@ -58,10 +61,12 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    from jaxllama.parallel.distributed import initialize_from_env
     from jaxllama.train.loop import train
 
     cfg = _load(args)
-    train(cfg)
+    initialize_from_env()  # no-op unless JAX_COORDINATOR_ADDRESS etc. (or SLURM/TPU) describe several processes
+    train(cfg, resume=not args.no_resume)
     return 0
 
 

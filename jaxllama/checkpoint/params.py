@@ -10,6 +10,7 @@ Paths go through Orbax/TensorStore unchanged, so ``gs://...`` works like a local
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -22,6 +23,12 @@ from jaxllama.errors import ConfigError, RunError
 
 PARAMS, MODEL = "params", "model"
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/<step>/
+
+
+def as_path(path: str | epath.PathLike) -> epath.Path:
+    """A local path made absolute (TensorStore requires it); URLs such as gs://... unchanged."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def model_config_dict(model_cfg: ModelConfig) -> dict:
@@ -43,7 +50,7 @@ def save_params(path: str, params: Any, model_cfg: ModelConfig) -> None:
     never leaves something ``load_params`` would read. An existing ``path`` is refused rather than
     replaced, so a typo cannot destroy a checkpoint.
     """
-    target = epath.Path(path)
+    target = as_path(path)
     if target.exists():
         raise ConfigError(f"{path}: already exists; save_params writes a new directory (remove it or pick another)")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -69,7 +76,7 @@ def complete_steps(checkpoints_dir: epath.Path) -> list[int]:
 
 def resolve_params_dirs(path: str) -> list[epath.Path]:
     """The candidate directories ``path`` names, best first: itself, or a run's steps newest first."""
-    p = epath.Path(path)
+    p = as_path(path)
     if not p.exists():
         raise ConfigError(f"{path}: no such checkpoint directory")
     if is_params_dir(p):

@@ -119,18 +119,71 @@ class Progress:
             self.bar.close()
 
 
+def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
+    return cfg.checkpoint.dir or str(run_dir / "checkpoints")
+
+
+def refuse_existing(cfg: Config) -> None:
+    """``--no-resume``: a run dir that already holds checkpoints is an error, not something to overwrite."""
+    from jaxllama.checkpoint.params import as_path, complete_steps
+
+    if cfg.run_dir is None or not cfg.checkpoint.enabled:
+        return
+    steps = complete_steps(as_path(checkpoint_dir(cfg, Path(cfg.run_dir))))
+    if steps:
+        raise ConfigError(f"run_dir {cfg.run_dir} already has checkpoints (latest step {steps[-1]}) and --no-resume "
+                          f"was given; choose a new run_dir or drop --no-resume to continue it")
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (they are re-logged by the resumed run); temp file + rename."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    import json
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | None = None,
-          out: Callable[[str], None] = print) -> dict:
-    """Train per ``cfg``; returns the summary (also printed as one line)."""
+          out: Callable[[str], None] = print, resume: bool = True) -> dict:
+    """Train per ``cfg``, resuming from the run dir's latest complete checkpoint unless ``resume`` is False.
+
+    Returns the summary (also printed as one line); ``summary["preempted"]`` is True when SIGTERM
+    stopped the run after a final checkpoint.
+    """
+    from jaxllama.checkpoint.manager import TrainCheckpoints
+    from jaxllama.checkpoint.preemption import PreemptionWatch
+
     is_main = jax.process_index() == 0
     say = out if is_main else (lambda _: None)
+    if not resume:
+        refuse_existing(cfg)
     trainer = Trainer.build(cfg, devices)
     run_dir = prepare_run_dir(cfg)
     if source is None:
         from jaxllama.data.sources import make_source
 
         source = make_source(cfg)
-    a, d, t = trainer.arch, cfg.data, cfg.train
+    a, d, t, c = trainer.arch, cfg.data, cfg.train, cfg.checkpoint
+    ckpts = TrainCheckpoints(checkpoint_dir(cfg, run_dir), c, say) if c.enabled else None
+    start = 0
+    restored = ckpts.restore_latest(trainer.state, trainer.state_shardings, cfg.model) if ckpts else None
+    if restored is not None:
+        start, trainer.state, data_state = restored
+        source.restore(data_state)
+        say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
+    if is_main:
+        trim_metrics(run_dir, start)
+    if start >= t.steps:
+        if ckpts:
+            ckpts.close()
+        say(f"done: already trained to step {start} (train.steps={t.steps}); run dir {run_dir}")
+        return dict(steps=start, history=[], run_dir=str(run_dir), preempted=False, resumed_from=start,
+                    line=f"already at step {start}")
     n_dev = trainer.layout.mesh.size
     peak, peak_src = peak_flops_per_device(t.peak_flops)
     flops = flops_per_token(a, d.seq_len)
@@ -143,46 +196,63 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
 
     batch = trainer.global_batch(next(source))
     say(f"compiled the train step in {trainer.compile(batch):.1f}s")
-    progress = Progress(t.steps, t.progress and is_main, say)
+    progress = Progress(t.steps - start, t.progress and is_main, say)
     tokens_per_step = d.global_batch * d.seq_len
     pending: list = []
     history: list[dict] = []
     bad_in_row = skipped = 0
+    preempted = False
     last_time = time.perf_counter()
     try:
-        for step in range(t.steps):
-            if step:
-                batch = trainer.global_batch(next(source))
-            pending.append(trainer.step(batch))
-            if (step + 1) % t.log_every and step + 1 != t.steps:
-                continue
-            fetched = jax.device_get(pending)
-            pending = []
-            now = time.perf_counter()
-            elapsed, last_time = now - last_time, now
-            for m in fetched:
-                bad_in_row = 0 if m["finite"] else bad_in_row + 1
-                skipped += 1 - int(m["finite"])
-            finite = [m for m in fetched if m["finite"]]
-            tps = tokens_per_step * len(fetched) / elapsed
-            record = dict(
-                step=step + 1,
-                loss=float(np.mean([m["loss"] for m in finite])) if finite else math.nan,
-                grad_norm=float(np.mean([m["grad_norm"] for m in finite])) if finite else math.nan,
-                lr=float(fetched[-1]["lr"]), tokens_per_s=tps,
-                mfu=tps / n_dev * flops / peak if peak else 0.0,
-                mfu_noncausal=tps / n_dev * flops_nc / peak if peak else 0.0,
-                step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
-            writer.write(record)
-            progress.update(record, len(fetched))
-            history.append(record)
-            if bad_in_row >= t.max_nonfinite:
-                raise RunError(f"loss was not finite for {bad_in_row} steps in a row (up to step {step + 1}); "
-                               f"stopping (train.max_nonfinite={t.max_nonfinite}); try a lower optim.lr")
+        with PreemptionWatch() as watch:
+            for step in range(start, t.steps):
+                if step > start:
+                    batch = trainer.global_batch(next(source))
+                pending.append(trainer.step(batch))
+                done = step + 1
+                preempted = watch.reached(done)
+                if ckpts and (preempted or done == t.steps or (c.every and done % c.every == 0)):
+                    blocked = ckpts.save(done, trainer.state, cfg, getattr(source, "state", dict)())
+                    say(f"checkpoint at step {done}: the save blocked training for {1000 * blocked:.0f} ms"
+                        f"{' (written in the background)' if c.async_save else ''}")
+                if done % t.log_every and done != t.steps and not preempted:
+                    continue
+                fetched = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                elapsed, last_time = now - last_time, now
+                for m in fetched:
+                    bad_in_row = 0 if m["finite"] else bad_in_row + 1
+                    skipped += 1 - int(m["finite"])
+                finite = [m for m in fetched if m["finite"]]
+                tps = tokens_per_step * len(fetched) / elapsed
+                record = dict(
+                    step=done,
+                    loss=float(np.mean([m["loss"] for m in finite])) if finite else math.nan,
+                    grad_norm=float(np.mean([m["grad_norm"] for m in finite])) if finite else math.nan,
+                    lr=float(fetched[-1]["lr"]), tokens_per_s=tps,
+                    mfu=tps / n_dev * flops / peak if peak else 0.0,
+                    mfu_noncausal=tps / n_dev * flops_nc / peak if peak else 0.0,
+                    step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
+                writer.write(record)
+                progress.update(record, len(fetched))
+                history.append(record)
+                if bad_in_row >= t.max_nonfinite:
+                    raise RunError(f"loss was not finite for {bad_in_row} steps in a row (up to step {done}); "
+                                   f"stopping (train.max_nonfinite={t.max_nonfinite}); try a lower optim.lr")
+                if preempted:
+                    break
     finally:
         progress.close()
         writer.close()
+        if ckpts:
+            ckpts.close()  # waits for a save in flight, so a finished run always ends with a complete checkpoint
     summary = summarize(history, t.steps, run_dir)
+    summary.update(preempted=preempted, resumed_from=start,
+                   checkpoint_block_s=ckpts.block_times if ckpts else [])
+    if preempted:
+        summary["line"] = (f"preempted (SIGTERM) at step {history[-1]['step']}: checkpoint saved and complete; "
+                           f"run the same command to resume; run dir {run_dir}")
     say(summary["line"])
     return summary
 

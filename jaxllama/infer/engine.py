@@ -1,0 +1,211 @@
+"""Batched generation: one prefill forward pass, then a jitted ``lax.while_loop`` over a KV cache.
+
+Rows are right-padded prompts; cache slot ``j`` of a row holds its position ``j``, so rows of
+different lengths advance independently (each decode step writes every row at its own position and
+attends to slots up to it). The decode loop runs in chunks of ``chunk`` steps inside one jitted
+``while_loop`` (which exits early once every row is done); between chunks the host reads the new
+tokens, to stream them and to check stop strings. ``chunk`` large enough means a single call.
+
+The cache is [layers, batch, cache_len, kv_heads, head_dim], sharded by the same logical rules as
+the model (batch over ``data``, kv heads over ``tensor``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllama.errors import ConfigError
+from jaxllama.infer.sampling import Sampling, sample
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.sharding import Layout
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+PROMPT_BUCKET = 16  # prompt lengths and cache lengths round up to this, to reuse compilations
+
+
+@dataclass
+class Completion:
+    """One generated row. ``finish_reason``: ``stop`` (a stop token or string), ``length``
+    (max-new-tokens or the model's context)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class Engine:
+    """Generation for one model (params already placed on ``layout``'s mesh)."""
+
+    def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None)):
+        self.params, self.arch, self.layout = params, arch, layout
+        self.model = Llama(arch, layout)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "cache_len", "max_new"))
+        self._chunk = jax.jit(self._chunk_fn, static_argnames=("sampling", "steps"), donate_argnums=(1,))
+
+    # -- device functions -------------------------------------------------------------------------
+
+    def _constrain(self, x, names):
+        return self.layout.constrain(x, names)
+
+    def _prefill_fn(self, params, tokens, lengths, row_ids, live, stop_ids, *, sampling: Sampling,
+                    cache_len: int, max_new: int):
+        a = self.arch
+        b = tokens.shape[0]
+        shape = (a.n_layers, b, cache_len, a.n_kv_heads, a.head_dim)
+        cache = tuple(self._constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), CACHE_AXES) for _ in range(2))
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        logits, cache = self.model.apply({"params": params}, tokens, positions, cache, lengths - 1,
+                                         method=Llama.decode)
+        vocab = a.vocab_size if sampling.repetition_penalty != 1.0 else 1
+        rows = jnp.arange(b)
+        valid = positions < lengths[:, None]
+        seen = jnp.zeros((b, vocab), bool).at[rows[:, None], jnp.where(valid, tokens, vocab)].set(True, mode="drop")
+        state = dict(
+            cache=cache, seen=seen, row_ids=row_ids, stop_ids=stop_ids,
+            pos=lengths, last=jnp.zeros((b,), jnp.int32), n=jnp.zeros((b,), jnp.int32),
+            limit=jnp.minimum(max_new, cache_len - lengths) * live, done=~live,
+            out=jnp.zeros((b, max_new), jnp.int32), logprobs=jnp.zeros((b, max_new), jnp.float32),
+            stopped=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32))
+        state["done"] = state["done"] | (state["limit"] <= 0)
+        return self._record(state, logits, sampling)
+
+    def _record(self, state, logits, sampling: Sampling):
+        """Sample from ``logits`` and append the tokens of rows still running."""
+        tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], sampling)
+        active = ~state["done"]
+        is_stop = jnp.any(tok[:, None] == state["stop_ids"][None, :], axis=-1)
+        keep = active & ~is_stop
+        rows = jnp.arange(tok.shape[0])
+        slot = jnp.where(keep, state["n"], state["out"].shape[1])  # out of range: dropped
+        n = state["n"] + keep
+        s = dict(state)
+        s["out"] = state["out"].at[rows, slot].set(tok, mode="drop")
+        s["logprobs"] = state["logprobs"].at[rows, slot].set(lp, mode="drop")
+        s["seen"] = state["seen"].at[rows, jnp.where(keep, tok, state["seen"].shape[1])].set(True, mode="drop")
+        s["n"] = n
+        s["stopped"] = state["stopped"] | (active & is_stop)
+        s["done"] = state["done"] | (active & is_stop) | (n >= state["limit"])
+        s["last"] = jnp.where(keep, tok, state["last"])
+        s["step"] = state["step"] + 1
+        return s
+
+    def _chunk_fn(self, params, state, *, sampling: Sampling, steps: int):
+        cache_len = state["cache"][0].shape[2]
+        end = state["step"] + steps
+
+        def cond(s):
+            return (s["step"] < end) & ~jnp.all(s["done"])
+
+        def body(s):
+            # Row r feeds its newest token at position pos + n - 1 (its prompt fills 0..pos-1).
+            feed_pos = jnp.minimum(s["pos"] + s["n"] - 1, cache_len - 1)
+            logits, cache = self.model.apply({"params": params}, s["last"][:, None], feed_pos[:, None], s["cache"],
+                                             method=Llama.decode)
+            s = dict(s, cache=tuple(self._constrain(c, CACHE_AXES) for c in cache))
+            return self._record(s, logits, sampling)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    # -- host API ---------------------------------------------------------------------------------
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """One-line errors for prompts the model cannot take."""
+        if not prompts:
+            raise ConfigError("no prompts given")
+        limit = self.arch.max_position
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ConfigError(f"prompt {i + 1} is empty (no tokens)")
+            if len(p) >= limit:
+                raise ConfigError(f"prompt {i + 1} has {len(p)} tokens; the model's context is {limit} "
+                                  f"(max_position), leaving no room to generate")
+            bad = [t for t in p if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise ConfigError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary (size "
+                                  f"{self.arch.vocab_size})")
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None, chunk: int = 16,
+               force_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[Completion]]:
+        """Yield the completions (growing) after the prefill and after each decode chunk.
+
+        ``row_ids`` seed each row's draws (default: its index), so a row samples the same tokens
+        whatever else is in the batch. ``force_stop(row, tokens)`` lets the caller end a row
+        (stop strings); the last yielded list is final.
+        """
+        if max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+        if chunk < 1:
+            raise ConfigError(f"chunk: must be >= 1, got {chunk}")
+        self.check_prompts(prompts)
+        n_rows = len(prompts)
+        shards = self._batch_shards()
+        b = _round_up(n_rows, shards)
+        longest = max(len(p) for p in prompts)
+        t = min(_round_up(longest, PROMPT_BUCKET), self.arch.max_position)
+        cache_len = min(_round_up(longest + max_new_tokens, PROMPT_BUCKET), self.arch.max_position)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        ids = np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(list(row_ids) + [0] * (b - n_rows),
+                                                                               np.int32)
+        live = np.arange(b) < n_rows
+        stops = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
+        put = functools.partial(jax.device_put, device=self._batch_sharding())
+        state = self._prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
+                              sampling=sampling, cache_len=cache_len, max_new=max_new_tokens)
+        results = [Completion() for _ in range(n_rows)]
+        while True:
+            host = jax.device_get({k: state[k] for k in ("out", "logprobs", "n", "done", "stopped")})
+            forced = np.zeros((b,), bool)
+            for i, r in enumerate(results):
+                n = int(host["n"][i])
+                r.tokens = host["out"][i, :n].tolist()
+                r.logprobs = host["logprobs"][i, :n].tolist()
+                r.finish_reason = "stop" if host["stopped"][i] else "length"
+                if not host["done"][i] and force_stop is not None and force_stop(i, r.tokens):
+                    forced[i] = True
+                    r.finish_reason = "stop"
+            yield results
+            if forced.any():
+                state["done"] = state["done"] | put(forced)
+                state["stopped"] = state["stopped"] | put(forced)
+            if bool(np.all(host["done"] | forced)):
+                return
+            state = self._chunk(self.params, state, sampling=sampling, steps=chunk)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None, chunk: int | None = None,
+                 force_stop: Callable[[int, list[int]], bool] | None = None) -> list[Completion]:
+        """All completions at once (one decode call unless ``chunk`` or ``force_stop`` asks for more)."""
+        results: list[Completion] = []
+        for results in self.stream(prompts, max_new_tokens, sampling, stop_ids, row_ids,
+                                   chunk or max_new_tokens, force_stop):
+            pass
+        return results
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def _batch_shards(self) -> int:
+        if self.layout.mesh is None:
+            return 1
+        axes = self.layout.mesh_axes("batch")
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        return int(np.prod([self.layout.mesh.shape[a] for a in axes]))
+
+    def _batch_sharding(self):
+        if self.layout.mesh is None:
+            return None
+        return self.layout.sharding(("batch",))

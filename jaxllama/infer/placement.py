@@ -1,0 +1,97 @@
+"""The inference mesh and parameter placement: ``--mesh data=1,tensor=4`` -> a Layout, params in shards.
+
+Inference uses the training code's logical rules unchanged (``jaxllama.config.DEFAULT_RULES``):
+kv heads, heads, mlp and vocab over ``tensor``, batch over ``data`` (and ``fsdp``, which is 1 here
+unless asked for). The mesh takes the first data x fsdp x tensor devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxllama.config import DEFAULT_RULES
+from jaxllama.errors import ConfigError
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.sharding import Layout, rules_from_config
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """``"data=1,tensor=4"`` -> sizes for data, fsdp, tensor (unnamed axes are 1; None -> auto)."""
+    sizes = {a: 1 for a in AXES}
+    if not text:
+        return {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or key not in AXES:
+            raise ConfigError(f"--mesh: expected comma-separated axis=size with axes {', '.join(AXES)}, got {text!r}")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh: {key}={value!r} is not an integer") from None
+        if sizes[key] < 1:
+            raise ConfigError(f"--mesh: {key} must be >= 1, got {sizes[key]}")
+    return sizes
+
+
+def _divisible(a: Arch, tp: int) -> bool:
+    return all(getattr(a, k) % tp == 0 for k in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"))
+
+
+def auto_mesh(a: Arch, n_devices: int) -> dict[str, int]:
+    """No ``--mesh``: the widest tensor split of the available devices that the model's shapes allow."""
+    tp = max(t for t in range(1, n_devices + 1) if n_devices % t == 0 and _divisible(a, t))
+    return {"data": 1, "fsdp": 1, "tensor": tp}
+
+
+def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None) -> Layout:
+    """A Layout over the first data x fsdp x tensor devices, checked against the model's shapes."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = sizes or auto_mesh(a, len(devices))
+    n = int(np.prod([sizes[k] for k in AXES]))
+    if n > len(devices):
+        raise ConfigError(f"--mesh: {'x'.join(str(sizes[k]) for k in AXES)} = {n} devices, but only "
+                          f"{len(devices)} are available")
+    tp = sizes["tensor"]
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        if getattr(a, key) % tp:
+            raise ConfigError(f"--mesh: tensor={tp} does not divide the model's {key}={getattr(a, key)}")
+    if a.dim % sizes["fsdp"]:
+        raise ConfigError(f"--mesh: fsdp={sizes['fsdp']} does not divide the model's dim={a.dim}")
+    grid = np.asarray(devices[:n], dtype=object).reshape(tuple(sizes[k] for k in AXES))
+    mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Layout(mesh, rules_from_config(DEFAULT_RULES))
+
+
+def inference_arch(a: Arch, dtype: str | None = None) -> Arch:
+    """The model for serving: compute and parameters both in ``dtype`` (default: the arch's compute dtype)."""
+    dtype = dtype or a.dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
+    return dataclasses.replace(a, dtype=dtype, param_dtype=dtype, remat="none")
+
+
+def param_shardings(a: Arch, layout: Layout) -> Any:
+    """NamedShardings for the canonical tree, from the model's logical axis names."""
+    boxed = jax.eval_shape(lambda: Llama(a).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return layout.tree_shardings(boxed)
+
+
+def place_params(params: Any, a: Arch, layout: Layout) -> Any:
+    """Cast to ``a.param_dtype`` and put each leaf in its shards (one leaf at a time, no full copy)."""
+    dtype = jnp.dtype(a.param_dtype)
+    if layout.mesh is None:
+        return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    shardings = param_shardings(a, layout)
+    try:
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype) if not isinstance(x, jax.Array)
+                                                        else x.astype(dtype), s), params, shardings)
+    except ValueError as e:
+        raise ConfigError(f"parameters do not match the model's shapes: {e}") from None

@@ -1,0 +1,101 @@
+"""Next-token selection: repetition penalty, temperature, top-k, top-p, min-p, then a draw.
+
+:class:`Sampling` is frozen and hashable, so it is a static argument of the jitted decode loop:
+a greedy run compiles no sort, a top-p run compiles one. Every filter acts on float32 logits
+[batch, vocab] and masks rejected tokens with -inf; the draw uses one key per row and step, so a
+row's samples depend only on (seed, row id, step) - never on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxllama.errors import ConfigError
+
+NEG_INF = -jnp.inf
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each token. ``temperature == 0`` is greedy (argmax; other filters are moot)."""
+
+    temperature: float = 0.6
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; HF/CTRL style, over prompt and generated tokens
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ConfigError(f"--temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k: must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p: must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"--min-p: must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"--repetition-penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """Tokens already seen get positive logits divided by ``penalty`` and negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p (the order Hugging Face applies them)."""
+    logits = logits / s.temperature
+    if s.top_k > 0 and s.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if s.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+        # The smallest set whose mass reaches top_p: keep a token while the mass before it is < top_p.
+        kept = jnp.where(before < s.top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    if s.min_p > 0.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        limit = s.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(probs < limit, NEG_INF, logits)
+    return logits
+
+
+def row_keys(seed: int, row_ids: jax.Array, step: jax.Array) -> jax.Array:
+    """One PRNG key per row for this step, from (seed, row id, step) only."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(row_ids)
+
+
+def sample(logits: jax.Array, seen: jax.Array, row_ids: jax.Array, step: jax.Array,
+           s: Sampling) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row. Returns (tokens [batch] int32, log-probabilities [batch] float32).
+
+    The log-probability is the model's own (log-softmax of the raw logits), as vLLM and OpenAI report
+    it, so it does not change with the sampling settings.
+    """
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    adjusted = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.greedy:
+        tokens = jnp.argmax(adjusted, axis=-1)
+    else:
+        filtered = filter_logits(adjusted, s)
+        keys = row_keys(s.seed, row_ids, step)
+        tokens = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

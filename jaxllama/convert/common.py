@@ -153,9 +153,9 @@ class Source:
 
     def get(self, name: str, layer: int | None = None) -> np.ndarray:
         """One canonical tensor, shape-checked, in ``self.dtype`` (or as stored)."""
-        arr = self._read(name, layer)
-        where = f"{self.path}: {name}" + (f" (layer {layer})" if layer is not None else "")
-        arr = check_shape(np.asarray(arr), expected_shape(self.model_cfg, name), where)
+        arr = np.asarray(self._read(name, layer))
+        if tuple(arr.shape) != expected_shape(self.model_cfg, name):
+            check_shape(arr, expected_shape(self.model_cfg, name), self.where(name, layer))
         if self.dtype is not None and arr.dtype != self.dtype:
             arr = arr.astype(np.float32).astype(self.dtype) if arr.dtype == BF16 else arr.astype(self.dtype)
         elif arr.dtype not in DTYPES.values():
@@ -164,6 +164,10 @@ class Source:
 
     def _read(self, name: str, layer: int | None) -> np.ndarray:
         raise NotImplementedError
+
+    def where(self, name: str, layer: int | None) -> str:
+        """The file and the format's own tensor name, for error messages."""
+        return f"{self.path}: {name}" + (f" (layer {layer})" if layer is not None else "")
 
     def stored_dtype(self) -> np.dtype:
         """The dtype writers should record (``torch_dtype``, GGUF file type...)."""

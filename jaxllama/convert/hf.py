@@ -136,10 +136,10 @@ class HFSource(Source):
         cfg = _read_json(self.path / "config.json")
         self.model_cfg = model_config_from_hf(cfg, self.path / "config.json")
         self.files = self._weight_files()
-        self.where: dict[str, object] = {}
+        self.where_file: dict[str, object] = {}
         for f in self.files:
             for k in f.keys():
-                self.where[k] = f
+                self.where_file[k] = f
         gen = self.path / "generation_config.json"
         tok_cfg = self.path / "tokenizer_config.json"
         template = None
@@ -173,9 +173,14 @@ class HFSource(Source):
             return [_TorchBin(f) for f in bins]
         raise ConfigError(f"{p}: no weights (*.safetensors or *.bin) beside config.json")
 
+    def where(self, name: str, layer: int | None) -> str:
+        key = hf_name(name, layer)
+        f = self.where_file.get(key)
+        return f"{f.path if f else self.path}: {key}"
+
     def _read(self, name: str, layer: int | None) -> np.ndarray:
         key = hf_name(name, layer)
-        f = self.where.get(key)
+        f = self.where_file.get(key)
         if f is None:
             raise ConfigError(f"{self.path}: tensor {key} not found in {', '.join(x.path.name for x in self.files)}")
         arr = f.get(key)

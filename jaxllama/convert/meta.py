@@ -112,6 +112,10 @@ class MetaSource(Source):
         fields["max_position"] = int(p.get("max_seq_len", default_ctx))
         return model_config(**fields)
 
+    def where(self, name: str, layer: int | None) -> str:
+        files = self.files[0].name if len(self.files) == 1 else f"consolidated.00-{len(self.files) - 1:02d}.pth"
+        return f"{self.path / files}: {meta_name(name, layer)}"
+
     def _merged(self, key: str, axis: int | None) -> np.ndarray:
         parts = []
         for f, s in zip(self.files, self.shards):
@@ -132,7 +136,7 @@ class MetaSource(Source):
         _, axis = _LAYER[name] if layer is not None else _GLOBAL[name]
         arr = self._merged(key, axis)
         if name.endswith("/kernel"):
-            arr = check_shape(arr, expected_shape(m, name)[::-1], f"{self.path}: {key}").T
+            arr = check_shape(arr, expected_shape(m, name)[::-1], self.where(name, layer)).T
             if name in ("self_attn/q_proj/kernel", "self_attn/k_proj/kernel"):
                 heads = m.n_heads if "q_proj" in name else m.n_kv_heads
                 arr = permute_qk(arr, heads, to_interleaved=False)

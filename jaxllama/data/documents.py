@@ -72,25 +72,43 @@ def _file_documents(files: list[str], fmt: str, text_key: str) -> tf.data.Datase
     return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
 
 
-def _tfds_documents(name: str, d: DataConfig, split: str, epoch: int, seed: int, shuffle: bool,
-                    process_index: int, process_count: int, key: str) -> tf.data.Dataset:
+def check_source(spec: SourceSpec, d: DataConfig, split: str, key: str = "data.source") -> None:
+    """Fail early, with one line, on what would otherwise fail inside the reader thread."""
+    if spec.kind == "tfds":
+        _tfds_builder(spec.name, d, split, key)
+    elif spec.kind == "files":
+        resolve_files(spec.pattern, key)
+
+
+def _tfds_builder(name: str, d: DataConfig, split: str, key: str):
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=d.tfds_data_dir)
     except Exception as e:  # unknown name or version: TFDS raises several types
-        raise ConfigError(f"{key}: tfds:{name}: {str(e).splitlines()[0]}") from None
+        where = d.tfds_data_dir or "the default TFDS data dir"
+        raise ConfigError(f"{key}: tfds:{name}: {str(e).splitlines()[0]} (looked in {where}; set "
+                          "data.tfds_data_dir to where it was prepared)") from None
     if not builder.is_prepared():
         where = d.tfds_data_dir or "the default TFDS data dir"
         raise ConfigError(f"{key}: tfds:{name} is not prepared in {where} (set data.tfds_data_dir; "
                           "this machine cannot download)")
     if split not in builder.info.splits:
-        raise ConfigError(f"data.split: {split!r} is not a split of tfds:{name} "
+        which = "data.eval_split" if key == "data.eval_source" else "data.split"
+        raise ConfigError(f"{which}: {split!r} is not a split of tfds:{name} "
                           f"(has {', '.join(sorted(builder.info.splits))})")
     features = builder.info.features
     if hasattr(features, "keys") and d.text_key not in features.keys():
         raise ConfigError(f"data.text_key: {d.text_key!r} is not a feature of tfds:{name} "
                           f"(has {', '.join(sorted(features.keys()))})")
+    return builder
+
+
+def _tfds_documents(name: str, d: DataConfig, split: str, epoch: int, seed: int, shuffle: bool,
+                    process_index: int, process_count: int, key: str) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, d, split, key)
     sub = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     options = tf.data.Options()
     options.deterministic = True

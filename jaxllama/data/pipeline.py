@@ -62,6 +62,9 @@ class TextSource:
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
         self.efficiency = 1.0
+        from jaxllama.data.documents import check_source
+
+        check_source(spec, d, split, key)
 
     # -- producer ------------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class TextSource:
                 self.epoch, self.docs = self.epoch + 1, 0
             self._put(_STOP)
         except BaseException as e:  # handed to the consumer, which raises it
-            self._put(e)
+            self._put(_readable(e, self.key))
 
     def _emit(self) -> bool:
         batch = self.packer.pop(self.local_batch)
@@ -155,6 +158,10 @@ class TextSource:
         batch, self._consumed, self.efficiency = item
         return batch
 
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        """A batch of padding only (loss_mask 0): what a process that ran dry feeds a collective eval."""
+        return Packer(self.d.seq_len, self.d.packing, pad_id=self.tok.pad_id).pop(self.local_batch)
+
     def close(self) -> None:
         if self._thread is not None:
             self._halt.set()
@@ -179,3 +186,13 @@ class TextSource:
         self.packer = Packer(self.d.seq_len, self.d.packing, pad_id=self.tok.pad_id)
         self.packer.restore(decode_arrays(state["packer"]))
         self._consumed = None
+
+
+def _readable(e: BaseException, key: str) -> BaseException:
+    """tf.data wraps errors raised inside it (e.g. a bad JSONL line) in a long OpError: keep the message."""
+    if type(e).__module__.startswith("tensorflow"):
+        lines = [ln.strip() for ln in str(getattr(e, "message", e)).splitlines() if ln.strip()]
+        ours = [ln for ln in lines if "ConfigError:" in ln or "RunError:" in ln]
+        text = ours[-1].split("Error:", 1)[1].strip() if ours else (lines[0] if lines else type(e).__name__)
+        return RunError(f"{key}: {text}")
+    return e

@@ -1,0 +1,1 @@
+"""Launchers that start ``jaxllama`` on several processes (``local``: N processes on this machine)."""

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     # One line per verb; each _add_<verb> builds its sub-parser and sets func=cmd_<verb>.
     _add_train(sub)
     _add_info(sub)
+    _add_compile_check(sub)
     _add_convert(sub)
+    _add_tokenizer(sub)
     return parser
 
 
@@ -49,9 +51,29 @@ def _add_train(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="parameter count, per-device memory and FLOPs/token", epilog=EPILOG,
-                       description="Describe a model on the configured mesh without materializing it.")
+                       description="Describe a model on the configured mesh without materializing it. "
+                                   "With --devices/--device-memory: the per-device memory plan for a "
+                                   "topology that need not be present.")
     _add_config_args(p)
+    p.add_argument("--devices", type=int, help="plan for this many devices (default: the devices present)")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GB, 95GiB: says whether the run fits")
     p.set_defaults(func=cmd_info)
+
+
+def _add_compile_check(sub) -> None:
+    p = sub.add_parser("compile-check", help="compile the real train step for N simulated devices", epilog=EPILOG,
+                       description="Lower and compile the train step for the configured mesh on N simulated CPU "
+                                   "devices with abstract (unallocated) inputs, and print XLA's memory analysis.")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, required=True, help="number of devices to simulate (the mesh's product)")
+    p.set_defaults(func=cmd_compile_check)
+
+
+def cmd_compile_check(args) -> int:
+    from jaxllama.compile_check import compile_check, format_report
+
+    print(format_report(compile_check(args.config, args.overrides, args.devices)))
+    return 0
 
 
 def _load(args):
@@ -72,8 +94,13 @@ def cmd_train(args) -> int:
 
 def cmd_info(args) -> int:
     from jaxllama.info import format_info, model_info
+    from jaxllama.plan import format_plan, parse_bytes, plan
 
-    print(format_info(model_info(_load(args))))
+    cfg = _load(args)
+    memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    print(format_info(model_info(cfg, args.devices)))
+    if args.devices is not None or memory is not None:
+        print(format_plan(plan(cfg, args.devices, memory)))
     return 0
 
 
@@ -101,6 +128,47 @@ def cmd_convert(args) -> int:
     out = convert(args.src, args.dst, args.to, dtype=args.dtype, gguf_type=args.gguf_type,
                   shard_size=parse_size(args.shard_size), meta_shards=args.shards)
     print(f"wrote {out} ({args.to})")
+    return 0
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train or inspect a tokenizer",
+                       description="Tokenizer tools: train a SentencePiece BPE model, or describe a tokenizer.")
+    tsub = p.add_subparsers(dest="tokenizer_verb", required=True, parser_class=_Parser)
+    t = tsub.add_parser("train", help="train a SentencePiece BPE tokenizer (byte fallback) on text",
+                        description="Train a Llama-style SentencePiece BPE model (byte fallback, digits split, "
+                                    "whitespace kept; <unk>=0 <s>=1 </s>=2 <pad>=3) and write it atomically.")
+    t.add_argument("--input", required=True, help="a file glob ('**' allowed) or 'stdlib' (the demo corpus)")
+    t.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
+    t.add_argument("--output", required=True, help="the model file to write, e.g. tokenizer.model")
+    t.add_argument("--format", default="auto", help="auto (by extension), text, lines or jsonl")
+    t.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
+    t.add_argument("--max-sentences", type=int, default=1_000_000,
+                   help="lines sampled for training (seeded reservoir sample; default 1000000)")
+    t.add_argument("--debug", action="store_true", help="show tracebacks")
+    t.set_defaults(func=cmd_tokenizer_train)
+    i = tsub.add_parser("info", help="kind, vocabulary and special ids of a tokenizer; optionally encode text",
+                        description="Load a tokenizer (SentencePiece, Llama 3 tiktoken, HF tokenizer.json or "
+                                    "folder) and describe it.")
+    i.add_argument("path", help="tokenizer file or folder")
+    i.add_argument("--text", help="also print the ids and pieces of this text")
+    i.add_argument("--debug", action="store_true", help="show tracebacks")
+    i.set_defaults(func=cmd_tokenizer_info)
+
+
+def cmd_tokenizer_train(args) -> int:
+    from jaxllama.data.tokenizer_train import train_from_source
+
+    r = train_from_source(args.input, args.vocab_size, args.output, args.format, args.text_key, args.max_sentences)
+    print(f"wrote {r.output}: SentencePiece BPE, {r.vocab_size} pieces, from {r.sampled:,} of {r.lines:,} lines "
+          f"in {r.documents:,} documents, {r.seconds:.1f} s")
+    return 0
+
+
+def cmd_tokenizer_info(args) -> int:
+    from jaxllama.data.tokenizers import describe_tokenizer
+
+    print(describe_tokenizer(args.path, args.text))
     return 0
 
 

@@ -1,6 +1,8 @@
 """What ``jaxllama info`` reports: parameter count, per-device memory of the state, FLOPs per token.
 
-Everything comes from abstract shapes (``jax.eval_shape``): a 405B preset is never materialized.
+Everything comes from abstract shapes (``jax.eval_shape``) on an abstract mesh: a 405B preset is
+never materialized, and ``devices`` may name a topology that is not present (``--devices 256``).
+The full memory plan (gradients, activations, fits-or-not) is :mod:`jaxllama.plan`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import jax
 
 from jaxllama.config import Config
 from jaxllama.model.llama import Arch, Llama
-from jaxllama.parallel.mesh import make_mesh
+from jaxllama.plan import abstract_mesh
 from jaxllama.parallel.sharding import Layout, per_device_bytes, rules_from_config
 from jaxllama.train.metrics import flops_per_token
 from jaxllama.train.optimizer import make_optimizer
 from jaxllama.train.step import state_shardings
 
 
-def model_info(cfg: Config) -> dict:
-    mesh = make_mesh(cfg)
+def model_info(cfg: Config, devices: int | None = None) -> dict:
+    """Counts and per-device state bytes for ``cfg`` on ``devices`` (default: the devices present)."""
+    mesh = abstract_mesh(cfg, jax.device_count() if devices is None else devices)
     layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
     arch = Arch.from_config(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
@@ -35,6 +38,7 @@ def model_info(cfg: Config) -> dict:
 
 
 def format_info(info: dict) -> str:
+    """The lines ``jaxllama info`` prints."""
     gib = 1024**3
     mesh = " x ".join(f"{k}={v}" for k, v in info["mesh"].items())
     state = info["param_bytes_per_device"] + info["opt_bytes_per_device"]

@@ -1,0 +1,210 @@
+"""``jaxllama compile-check``: lower and compile the real train step for N simulated devices.
+
+A sharding mistake (a dimension that does not divide, a rule that replicates a 128k-vocabulary
+head on every device, an unexpected all-gather of the whole model) shows up on a laptop instead of
+on a pod. The step compiled here is the one training runs -- the same loss, optimizer, train step
+and shardings as :class:`jaxllama.train.loop.Trainer` -- but its inputs are abstract
+(``jax.ShapeDtypeStruct`` with shardings): nothing is allocated, so llama3-8b on 16 devices compiles
+on a 2-core CPU.
+
+XLA can only simulate N host devices if ``--xla_force_host_platform_device_count=N`` is set before
+JAX initializes, so :func:`compile_check` re-runs itself in a fresh Python process
+(``python -m jaxllama.compile_check``) unless the current process already has exactly N CPU devices.
+
+What is compiled for the CPU differs from an accelerator in two documented ways: ``model.dtype:
+auto`` is compiled as bfloat16 (what GPUs and TPUs run) and attention as the ``xla`` reference
+kernel (cuDNN and splash kernels do not exist on CPU), whose float32 ``[seq, seq]`` scores appear in
+the temporary memory where a flash kernel would need none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxllama.config import Config, load_config, validate_mesh
+from jaxllama.errors import ConfigError, JaxllamaError, RunError
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.mesh import make_mesh
+from jaxllama.parallel.sharding import Layout, rules_from_config
+from jaxllama.train.optimizer import make_optimizer
+from jaxllama.train.step import BATCH_KEYS, make_loss_fn, make_train_step, state_shardings
+
+GIB = 1024**3
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_BATCH_DTYPES = dict(tokens=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32, positions=jnp.int32,
+                     loss_mask=jnp.float32)
+
+
+@dataclass
+class CompileReport:
+    """XLA's memory analysis of the compiled step, per device, plus what it took to get there."""
+
+    preset: str
+    devices: int
+    mesh: dict
+    dtype: str
+    attention: str
+    n_layers: int
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    peak_bytes: int  # arguments + outputs - aliased (donated) + temporaries
+    collectives: dict
+    notes: list
+
+
+def cpu_arch(cfg: Config) -> tuple[Arch, list[str]]:
+    """The architecture compiled on CPU: bfloat16 for ``auto`` and the ``xla`` attention kernel."""
+    arch = Arch.from_config(cfg.model)
+    notes = []
+    dtype = "bfloat16" if cfg.model.dtype == "auto" else arch.dtype
+    if cfg.model.dtype == "auto":
+        notes.append("model.dtype auto compiled as bfloat16 (the accelerator default)")
+    attention = arch.attention
+    if attention in ("cudnn", "splash", "dot_product") or cfg.model.attention == "auto":
+        notes.append(f"attention compiled with the xla reference kernel (configured: {cfg.model.attention}); "
+                     "its float32 [seq, seq] scores count in temp, which flash kernels avoid")
+        attention = "xla"
+    return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention}), notes
+
+
+def abstract_inputs(cfg: Config, layout: Layout, abstract_state, state_sh) -> tuple:
+    """(state, batch) as ShapeDtypeStructs carrying their shardings: what ``lower`` needs, unallocated."""
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    shape = (cfg.data.global_batch, cfg.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES[k], sharding=layout.batch_sharding()) for k in BATCH_KEYS}
+    return state, batch
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """How many of each collective op the optimized (partitioned) HLO contains."""
+    counts = {}
+    for op in COLLECTIVES:
+        n = len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text))
+        if n:
+            counts[op] = n
+    return counts
+
+
+def compile_train_step(cfg: Config, devices: list | None = None) -> CompileReport:
+    """Lower + compile the train step for ``cfg`` on ``devices`` (default: all) with abstract inputs."""
+    mesh = make_mesh(cfg, devices)
+    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
+    arch, notes = cpu_arch(cfg) if jax.default_backend() == "cpu" else (Arch.from_config(cfg.model), [])
+    model = Llama(arch, layout)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, state_sh = state_shardings(model, tx, layout)
+    # The same pieces, in the same arrangement, as Trainer.build (jaxllama/train/loop.py).
+    loss_fn = make_loss_fn(model, arch, cfg.data.seq_len, cfg.train.z_loss, cfg.train.loss_chunk)
+    step = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout)
+    batch_sh = {k: layout.batch_sharding() for k in BATCH_KEYS}
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, layout.replicated()),
+                     donate_argnums=(0,))
+    state, batch = abstract_inputs(cfg, layout, abstract, state_sh)
+    start = time.perf_counter()
+    try:
+        compiled = jitted.lower(state, batch).compile()
+    except Exception as e:  # XLA reports sharding/shape problems as assorted exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"compiling the train step failed: {first}") from e
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
+    return CompileReport(
+        preset=cfg.model.preset, devices=mesh.size, mesh=dict(mesh.shape), dtype=arch.dtype,
+        attention=arch.attention, n_layers=arch.n_layers, compile_s=seconds, argument_bytes=arg,
+        output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+        code_bytes=int(mem.generated_code_size_in_bytes), peak_bytes=arg + out - alias + temp,
+        collectives=count_collectives(compiled.as_text()), notes=notes)
+
+
+def compile_check(config: str | None, overrides: list[str], devices: int, timeout_s: float = 3600) -> CompileReport:
+    """Validate the config for ``devices``, then compile in a process with that many CPU devices.
+
+    Runs in this process when it already has exactly ``devices`` CPU devices (the tests); otherwise
+    re-executes ``python -m jaxllama.compile_check`` with the device count set before JAX starts.
+    """
+    if devices < 1:
+        raise ConfigError(f"--devices: must be a positive number of devices, got {devices}")
+    cfg = load_config(config, overrides)
+    validate_mesh(cfg, devices)  # fail fast, before paying for a process start
+    if jax.default_backend() == "cpu" and jax.device_count() == devices:
+        return compile_train_step(cfg)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"{_strip_device_count(os.environ.get('XLA_FLAGS', ''))} "
+                         f"--xla_force_host_platform_device_count={devices}".strip())
+    cmd = [sys.executable, "-m", "jaxllama.compile_check", "--devices", str(devices)]
+    cmd += (["--config", str(config)] if config else []) + ["--", *overrides]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"compile-check: compiling for {devices} devices took over {timeout_s:.0f}s") from None
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    try:
+        result = json.loads(last)
+    except json.JSONDecodeError:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RunError(f"compile-check: the compiling process exited {proc.returncode}: {tail}") from None
+    if "error" in result:
+        raise (ConfigError if result["exit_code"] == 2 else RunError)(result["error"])
+    return CompileReport(**result)
+
+
+def _strip_device_count(flags: str) -> str:
+    return re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags).strip()
+
+
+def format_report(r: CompileReport) -> str:
+    """The lines ``jaxllama compile-check`` prints."""
+    def g(n: int) -> str:
+        return f"{n / GIB:9.3f} GiB"
+
+    mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+    coll = ", ".join(f"{k} {v}" for k, v in r.collectives.items()) or "none"
+    lines = [f"compiled the train step of {r.preset} ({r.n_layers} layers, {r.dtype}, attention {r.attention}) "
+             f"for {r.devices} devices, mesh {mesh}, in {r.compile_s:.1f}s",
+             "XLA memory analysis, per device:",
+             f"  arguments      {g(r.argument_bytes)}   (train state + batch shards)",
+             f"  outputs        {g(r.output_bytes)}",
+             f"  aliased        {g(r.alias_bytes)}   (donated state reused for the new state)",
+             f"  temporaries    {g(r.temp_bytes)}   (activations, gradients, gathered weights)",
+             f"  generated code {g(r.code_bytes)}",
+             f"  peak           {g(r.peak_bytes)}   (arguments + outputs - aliased + temporaries)",
+             f"collectives:     {coll}"]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _child(argv: list[str]) -> int:
+    """Entry of the re-executed process: compile, print the report as one JSON line."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jaxllama.compile_check")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        if jax.device_count() != args.devices:
+            raise RunError(f"compile-check: asked for {args.devices} simulated devices, JAX has {jax.device_count()}")
+        report = compile_train_step(load_config(args.config, args.overrides))
+        print(json.dumps(asdict(report)))
+    except JaxllamaError as e:
+        print(json.dumps(dict(error=str(e), exit_code=e.exit_code)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

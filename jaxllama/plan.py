@@ -1,0 +1,183 @@
+"""Plan before launch: per-device memory of a training run on a mesh that is not present.
+
+``plan(cfg, devices=256, device_memory=parse_bytes("95GB"))`` answers "does llama3-8b with this mesh
+fit a v5p-512?" on a laptop. The mesh is a :class:`jax.sharding.AbstractMesh` (sizes and names, no
+devices); parameter and optimizer-state shapes come from ``jax.eval_shape`` and are laid out by the
+same logical-axis :class:`Layout` that training uses, so the per-device figures are the shards
+training would create. Nothing is materialized.
+
+Activations cannot be read off shapes, so they are *estimated* from the decoder's structure (which
+tensors the backward pass keeps for each ``model.remat`` policy) -- the same accounting as
+Korthikanti et al. 2022, adapted to this model. ``jaxllama compile-check`` gives XLA's own figure
+for the same configuration; the tests hold the estimate to it.
+
+The planner targets accelerators: ``model.dtype: auto`` counts as bfloat16 and ``attention: auto``
+as a flash kernel (cuDNN / splash: no ``[seq, seq]`` scores kept). Only ``attention: xla`` keeps the
+float32 score matrix for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import jax
+from jax.sharding import AbstractMesh, AxisType
+
+from jaxllama.config import Config, validate_mesh
+from jaxllama.errors import ConfigError
+from jaxllama.model.llama import Arch, Llama
+from jaxllama.parallel.sharding import Layout, per_device_bytes, rules_from_config
+from jaxllama.train.optimizer import make_optimizer
+from jaxllama.train.step import loss_chunk_size, state_shardings
+
+AXES = ("data", "fsdp", "tensor")
+GIB = 1024**3
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parse_bytes(text: str, key: str = "--device-memory") -> int:
+    """``"80GB"`` -> 80e9, ``"80GiB"``/``"80G"`` -> 80 * 2^30, ``"1.5e9"`` -> 1.5e9 bytes.
+
+    SI units are decimal (an "80GB" H100 reads as 74.5 GiB, the conservative side of its 79.6 GiB
+    usable); write GiB for binary.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 80GB, 95GiB, 16G or a number of bytes")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {text!r}")
+    return int(value)
+
+
+def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
+    """The configured (data, fsdp, tensor) mesh over ``devices`` that need not exist (sizes validated)."""
+    if devices < 1:
+        raise ConfigError(f"--devices: must be a positive number of devices, got {devices}")
+    sizes = validate_mesh(cfg, devices)
+    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def target_arch(cfg: Config) -> Arch:
+    """The architecture as an accelerator would run it: ``auto`` dtype -> bfloat16, ``auto`` attention
+    -> a flash kernel (recorded as ``dot_product``), independent of the backend planning runs on."""
+    arch = Arch.from_config(cfg.model)
+    dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
+    attention = "dot_product" if cfg.model.attention == "auto" else cfg.model.attention
+    return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention})
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes per device: kept across the forward pass (all layers), the largest transient, and the loss."""
+
+    saved: int  # what the backward pass keeps for every layer
+    layer_peak: int  # one layer's full activations while it is (re)computed / differentiated
+    loss: int  # one chunk of float32 logits and their gradient, the final hidden states
+    total: int
+
+
+def estimate_activations(a: Arch, sizes: dict[str, int], seq_len: int, global_batch: int,
+                         grad_accum: int = 1, loss_chunk: int = 0) -> ActivationEstimate:
+    """Activation bytes on one device for one micro-batch (see the module docstring for the model).
+
+    Rows are split over ``data x fsdp`` and heads / MLP columns over ``tensor``; the residual stream
+    ``[batch, len, embed]`` is replicated over ``tensor`` (as the default rules lay it out).
+    """
+    b = _DTYPE_BYTES[a.dtype]
+    tp = sizes["tensor"]
+    rows = max(1, global_batch // (sizes["data"] * sizes["fsdp"] * grad_accum))
+    tokens = rows * seq_len
+    d, q, kv, f = a.dim, a.n_heads * a.head_dim / tp, a.n_kv_heads * a.head_dim / tp, a.ffn_dim / tp
+    # Per token, per layer, in compute-dtype elements unless noted (fp32 = two bf16 slots):
+    full = (d + d  # block input, input_layernorm output
+            + q + 2 * kv  # q, k, v projections
+            + q + kv  # q and k after RoPE
+            + q  # attention output (flash kernels keep it plus a float32 logsumexp per head)
+            + d + d + d  # o_proj output, residual, post_attention_layernorm output
+            + 3 * f  # gate, up, silu(gate) * up
+            + d)  # down_proj output
+    full_bytes = full * b + (a.n_heads / tp) * 4 + 2 * d * 4  # logsumexp; float32 rsqrt/norm inputs
+    scores = 0.0
+    if a.attention == "xla":  # the reference kernel keeps float32 scores and probabilities [heads, len] per token
+        full_bytes += (a.n_heads / tp) * seq_len * (4 + 4 + b)
+        scores = (a.n_heads / tp) * seq_len * 8  # their float32 gradients while a layer is differentiated
+    if a.remat == "none":
+        per_layer = full_bytes
+    elif a.remat == "save_dots":  # weight-matmul outputs only: q, k, v, o, gate, up, down, plus the input
+        per_layer = (d + q + 2 * kv + d + 2 * f + d) * b
+    else:  # full: only each block's input survives; one block is recomputed at a time
+        per_layer = d * b
+    saved = int(per_layer * tokens * a.n_layers)
+    # Backward through one layer: its recomputed activations (under remat) plus the residual-stream
+    # gradient, and with the xla kernel the float32 score gradients.
+    layer_peak = int(((full_bytes if a.remat != "none" else 0) + 2 * d * b + scores) * tokens)
+    chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
+    loss = int(rows * chunk * (a.vocab_size / tp) * 4 * 3 + tokens * d * (b + 4))
+    return ActivationEstimate(saved=saved, layer_peak=layer_peak, loss=loss, total=saved + layer_peak + loss)
+
+
+def plan(cfg: Config, devices: int | None = None, device_memory: int | None = None) -> dict:
+    """Per-device memory of training ``cfg`` on ``devices`` (default: the devices present).
+
+    Returns a dict of byte counts (params, optimizer, gradients, gathered layer weights,
+    activations, total) plus the mesh and, when ``device_memory`` is given, ``fits``.
+    """
+    if devices is None:
+        devices = jax.device_count()
+    mesh = abstract_mesh(cfg, devices)
+    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
+    arch = target_arch(cfg)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_shardings(Llama(arch, layout), tx, layout)
+    params = per_device_bytes(abstract.params, shardings.params)
+    opt = per_device_bytes(abstract.opt_state, shardings.opt_state)
+    sizes = dict(mesh.shape)
+    # FSDP gathers one layer's weights (compute dtype, still split over tensor) for its matmuls, and
+    # XLA overlaps the next layer's gather with this one: two layers' worth in flight.
+    layer_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(abstract.params["layers"]))
+    gathered = int(2 * layer_params / sizes["tensor"] * _DTYPE_BYTES[arch.dtype])
+    act = estimate_activations(arch, sizes, cfg.data.seq_len, cfg.data.global_batch, cfg.train.grad_accum,
+                               cfg.train.loss_chunk)
+    grads = params  # float32 gradients, sharded like the parameters (reduce-scattered)
+    total = params + opt + grads + gathered + act.total
+    out = dict(preset=cfg.model.preset, params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+               mesh=sizes, devices=devices, dtype=arch.dtype, remat=arch.remat, attention=arch.attention,
+               seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch, grad_accum=cfg.train.grad_accum,
+               param_bytes=params, opt_bytes=opt, grad_bytes=grads, gathered_bytes=gathered,
+               act_saved_bytes=act.saved, act_peak_bytes=act.layer_peak, loss_bytes=act.loss,
+               total_bytes=total, device_memory=device_memory)
+    if device_memory is not None:
+        out["fits"] = total <= device_memory
+    return out
+
+
+def format_plan(p: dict) -> str:
+    """The plan as the lines ``jaxllama info --devices N`` prints."""
+    def g(n: int) -> str:
+        return f"{n / GIB:8.2f} GiB"
+
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    rows = p["global_batch"] // (p["mesh"]["data"] * p["mesh"]["fsdp"] * p["grad_accum"])
+    lines = [
+        f"plan:             {p['devices']} devices, mesh {mesh}; {p['dtype']} compute, remat {p['remat']}, "
+        f"attention {p['attention']}; {rows} row(s) x {p['seq_len']} tokens per device per micro-batch",
+        f"  parameters      {g(p['param_bytes'])}   (float32 master weights, sharded)",
+        f"  optimizer       {g(p['opt_bytes'])}   (AdamW moments, sharded like the parameters)",
+        f"  gradients       {g(p['grad_bytes'])}",
+        f"  gathered layers {g(p['gathered_bytes'])}   (FSDP all-gather of ~2 layers' weights)",
+        f"  activations     {g(p['act_saved_bytes'])}   (kept for backward, all layers; estimate)",
+        f"  layer transient {g(p['act_peak_bytes'])}   (one layer being recomputed/differentiated)",
+        f"  loss chunk      {g(p['loss_bytes'])}",
+        f"  total           {g(p['total_bytes'])}",
+    ]
+    if p.get("device_memory") is not None:
+        mem = p["device_memory"]
+        verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+        lines.append(f"  device memory   {g(mem)}   -> {verdict} ({100 * p['total_bytes'] / mem:.0f}% used)")
+    return "\n".join(lines)

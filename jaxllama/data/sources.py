@@ -15,6 +15,7 @@ from jaxllama.config import Config
 from jaxllama.data.corpus import SourceSpec
 from jaxllama.errors import ConfigError
 
+SYNTHETIC_EVAL_BATCHES = 8
 EVAL_SEED_OFFSET = 1_000_003  # synthetic eval batches come from a different stream than training's
 
 
@@ -52,8 +53,9 @@ def make_source(cfg: Config, split: str = "train", process_index: int | None = N
         from jaxllama.data.synthetic import SyntheticSource
 
         seed = cfg.train.seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
+        limit = (cfg.train.eval_batches or SYNTHETIC_EVAL_BATCHES) if split == "eval" else None
         return SyntheticSource(cfg.model.vocab_size, d.seq_len, d.global_batch, seed=seed,
-                               process_index=pi, process_count=pc)
+                               process_index=pi, process_count=pc, limit=limit)
     from jaxllama.data.pipeline import TextSource
 
     tok = open_tokenizer(cfg, spec.kind)

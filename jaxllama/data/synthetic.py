@@ -20,7 +20,7 @@ class SyntheticSource:
     """Yields this process's rows of each global batch: tokens, targets, segment_ids, positions, loss_mask."""
 
     def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int = 0, branching: int = 4,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, limit: int | None = None):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
         self.vocab_size, self.seq_len, self.global_batch, self.seed = vocab_size, seq_len, global_batch, seed
@@ -32,6 +32,7 @@ class SyntheticSource:
         zipf = 1.0 / (np.arange(vocab_size) + 10.0)
         self.successors = rng.choice(vocab_size, size=(vocab_size, branching), p=zipf / zipf.sum())
         self.position = 0
+        self.limit = limit  # batches before StopIteration (eval); None: endless
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
         """Global batch ``index`` (all rows), deterministic."""
@@ -50,9 +51,15 @@ class SyntheticSource:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.limit is not None and self.position >= self.limit:
+            raise StopIteration
         out = {k: v[self.local_rows] for k, v in self.batch(self.position).items()}
         self.position += 1
         return out
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        """This process's rows of a batch with nothing to learn (loss_mask 0)."""
+        return {k: np.zeros_like(v[self.local_rows]) for k, v in self.batch(0).items()}
 
     def state(self) -> dict:
         return {"position": self.position}

@@ -54,3 +54,36 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], to_globa
     mean = nll_sum / n_sum if n_sum else math.nan
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700.0)) if n_sum else math.nan,
             "eval_tokens": int(n_sum), "eval_batches": count}
+
+
+class Evaluator:
+    """Periodic eval inside the training loop: a fresh pass over the eval source each time."""
+
+    def __init__(self, cfg, trainer):
+        from jaxllama.data.sources import make_source
+        from jaxllama.train.step import make_loss_fn
+
+        self.cfg, self.trainer, self.make_source = cfg, trainer, make_source
+        t = cfg.train
+        loss_fn = make_loss_fn(trainer.model, trainer.arch, cfg.data.seq_len, 0.0, t.loss_chunk)
+        layout = trainer.layout
+        batch_sh = {k: layout.batch_sharding() for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+        self.step = make_eval_step(loss_fn, trainer.state_shardings.params, batch_sh, layout.replicated())
+        make_source(cfg, split="eval")  # fail now, not at the first eval, if the eval data is missing
+
+    def due(self, step: int) -> bool:
+        t = self.cfg.train
+        return step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0)
+
+    def __call__(self, params) -> dict[str, float]:
+        source = self.make_source(self.cfg, split="eval")
+        try:
+            return evaluate(self.step, params, source, self.trainer.global_batch, source.empty_batch,
+                            self.cfg.train.eval_batches or None)
+        finally:
+            getattr(source, "close", lambda: None)()
+
+
+def wants_eval(cfg) -> bool:
+    """Eval runs when eval data is configured (data.eval_source or data.eval_fraction)."""
+    return bool(cfg.data.eval_source) or cfg.data.eval_fraction > 0

@@ -108,6 +108,8 @@ class Progress:
 
     def update(self, record: dict, n: int) -> None:
         text = (f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
+        if "eval_loss" in record:
+            text += f" | eval loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.1f})"
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix_str(text)
@@ -168,6 +170,10 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
         from jaxllama.data.sources import make_source
 
         source = make_source(cfg)
+    from jaxllama.train.evaluate import Evaluator, wants_eval
+
+    evaluator = Evaluator(cfg, trainer) if wants_eval(cfg) else None
+    eval_result: dict = {}
     a, d, t, c = trainer.arch, cfg.data, cfg.train, cfg.checkpoint
     ckpts = TrainCheckpoints(checkpoint_dir(cfg, run_dir), c, say) if c.enabled else None
     start = 0
@@ -215,6 +221,11 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                     blocked = ckpts.save(done, trainer.state, cfg, getattr(source, "state", dict)())
                     say(f"checkpoint at step {done}: the save blocked training for {1000 * blocked:.0f} ms"
                         f"{' (written in the background)' if c.async_save else ''}")
+                if evaluator and evaluator.due(done):
+                    eval_start = time.perf_counter()
+                    eval_result = evaluator(trainer.state.params)  # logged with the next record
+                    eval_result["eval_time_s"] = time.perf_counter() - eval_start
+                    last_time += eval_result["eval_time_s"]  # throughput counts training time only
                 if done % t.log_every and done != t.steps and not preempted:
                     continue
                 fetched = jax.device_get(pending)
@@ -234,6 +245,10 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                     mfu=tps / n_dev * flops / peak if peak else 0.0,
                     mfu_noncausal=tps / n_dev * flops_nc / peak if peak else 0.0,
                     step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
+                if hasattr(source, "efficiency"):
+                    record["packing_efficiency"] = source.efficiency
+                record.update(eval_result)
+                eval_result = {}
                 writer.write(record)
                 progress.update(record, len(fetched))
                 history.append(record)

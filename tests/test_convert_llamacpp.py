@@ -1,0 +1,121 @@
+"""llama.cpp (llama-cpp-python, built from source) runs the GGUF files we export, and we read its quantizations.
+
+The reference here is llama.cpp itself: its tokenizer on our exported vocab, its logits and its
+greedy continuation against jaxllama's forward on the same weights, and its own quantizer
+(``llama_model_quantize``) for the K-quant files we import.
+"""
+
+import ctypes
+
+import jax
+import llama_cpp
+import numpy as np
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from helpers import random_params
+from jaxllama.cli import main
+from jaxllama.config import load_config
+from jaxllama.convert import convert, load_model
+from jaxllama.convert.common import ParamsSource
+from jaxllama.convert.gguf_format import write_gguf
+from jaxllama.model.llama import Arch, Llama
+from test_convert_gguf import LLAMA3, hf_with_tokenizer, flat
+
+PROMPT = "hello world the quick brown fox"
+F32 = 0  # GGML_TYPE_F32, for llama.cpp's KV cache (its default f16 cache would blur the comparison)
+
+
+def llama_cpp_model(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                           n_threads=2, type_k=F32, type_v=F32)
+
+
+def our_greedy(m, params, prompt, n):
+    """Greedy decoding with the full forward (no cache): one fixed-length buffer, so one compile."""
+    a = Arch.from_config(m)
+    fwd = jax.jit(lambda p, t: Llama(a).apply({"params": p}, t))
+    buf = np.zeros((1, len(prompt) + n), np.int32)
+    buf[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        logits = np.asarray(fwd(params, buf))[0, i - 1]  # causal: the zeros after i do not matter
+        buf[0, i] = int(np.argmax(logits))
+    return buf[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind,overrides", [("spm", LLAMA3), ("bpe", ["model.tie_embeddings=true"])],
+                         ids=["spm-llama3rope", "bpe-tied"])
+def test_llama_cpp_greedy_continuation_equals_ours(tmp_path, kind, overrides):
+    params, m = hf_with_tokenizer(tmp_path / "hf", kind, overrides, seed=3)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 0
+    llm = llama_cpp_model(tmp_path / "m.gguf")
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
+    if kind == "spm":  # llama.cpp tokenizes with our exported vocab exactly as SentencePiece does
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "hf-tok" / "tokenizer.model"))
+        assert prompt == [sp.bos_id()] + sp.encode(PROMPT)
+    else:
+        assert prompt == AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(PROMPT)["input_ids"]
+    llm.reset()
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    ours = np.asarray(Llama(Arch.from_config(m)).apply({"params": params}, np.array([prompt])))[0]
+    assert np.abs(ours).max() > 1.0
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    n = 16
+    theirs_gen = []
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        theirs_gen.append(tok)
+        if len(theirs_gen) == n:
+            break
+    assert theirs_gen == our_greedy(m, params, prompt, n)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "q8_0"])
+def test_llama_cpp_runs_reduced_precision_exports(tmp_path, kind):
+    params, m = hf_with_tokenizer(tmp_path / "hf", "spm", seed=4)
+    convert(str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "gguf", gguf_type=kind)
+    llm = llama_cpp_model(tmp_path / "m.gguf")
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    ours = np.asarray(Llama(Arch.from_config(m)).apply({"params": params}, np.array([prompt])))[0]
+    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()
+
+
+QUANTS = {"Q4_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, 0.15), "Q4_1": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, 0.15),
+          "Q4_K": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 0.15), "Q5_K": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, 0.08),
+          "Q6_K": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K, 0.04), "Q8_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 0.01)}
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory):
+    """A model with 256-wide rows (K-quants work on 256-blocks), exported in f32."""
+    d = tmp_path_factory.mktemp("quant")
+    m = load_config(None, ["model.preset=debug", "data.seq_len=32", "model.dim=256", "model.ffn_dim=512",
+                           "model.vocab_size=256", "model.n_heads=4", "model.n_kv_heads=2"]).model
+    params = random_params(Arch.from_config(m), seed=5)
+    write_gguf(ParamsSource(params, m), d / "f32.gguf", "f32")
+    return d, params, m
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+def test_import_of_llama_cpp_quantized_files(f32_gguf, qtype):
+    d, params, m = f32_gguf
+    ftype, tol = QUANTS[qtype]
+    qparams = llama_cpp.llama_model_quantize_default_params()
+    qparams.ftype = ftype
+    qparams.nthread = 2
+    out = d / f"{qtype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(d / "f32.gguf").encode(), str(out).encode(),
+                                          ctypes.byref(qparams)) == 0
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert qtype in types, types
+    loaded = load_model(str(out))
+    assert loaded.model_cfg == m
+    a, b = dict(flat(params)), dict(flat(loaded.params))
+    for k in a:  # relative RMS error per tensor; a wrong layout or transposition would be ~1.4
+        err = np.sqrt(np.mean((a[k] - b[k]) ** 2)) / np.sqrt(np.mean(a[k] ** 2))
+        assert err < tol, (qtype, k, err)

@@ -252,12 +252,16 @@ class GGUFSource(Source):
         if t is None:
             raise ConfigError(f"{self.path}: tensor {key} not found")
         Q = gguf.GGMLQuantizationType
+        # Read a private copy rather than touching the reader's map of the whole file: mapped pages
+        # would stay resident (and counted) for the rest of the conversion.
+        raw = np.fromfile(self.path, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset)
+        data = raw.view(t.data.dtype).reshape(t.data.shape)
         if t.tensor_type in (Q.F32, Q.F16):
-            arr = t.data
+            arr = data
         elif t.tensor_type == Q.BF16:
-            arr = t.data.view(BF16)
+            arr = data.view(BF16)
         else:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = gguf.quants.dequantize(data, t.tensor_type)
         m = self.model_cfg
         if name.endswith("/kernel"):
             arr = check_shape(arr, expected_shape(m, name)[::-1], self.where(name, layer)).T

@@ -80,8 +80,13 @@ class MetaSource(Source):
         numbers = [int(re.findall(r"\d+", p.name)[-1]) for p in files]
         if numbers != list(range(len(files))):
             raise ConfigError(f"{self.path}: model-parallel shards {numbers} are not 00..{len(files) - 1:02d}")
-        self.shards = [load_state_dict(f) for f in files]
         self.files = files
+        # Keys and shapes only; tensors are re-opened per read (see _tensor), so mapped pages never pile up.
+        self.shards = []
+        for f in files:
+            state = load_state_dict(f)
+            self.shards.append({k: tuple(v.shape) for k, v in state.items()})
+            del state
         self.model_cfg = self._config(params, pj)
         tok = next((d / "tokenizer.model" for d in (self.path, self.path.parent) if (d / "tokenizer.model").is_file()),
                    None)
@@ -95,10 +100,10 @@ class MetaSource(Source):
             raise ConfigError(f"{self.files[0]}: tensor tok_embeddings.weight not found")
         vocab = p.get("vocab_size", -1)
         if vocab is None or vocab <= 0:  # Llama 1/2 write -1: the tokenizer decides
-            vocab = int(self.shards[0]["tok_embeddings.weight"].shape[0])
+            vocab = int(self.shards[0]["tok_embeddings.weight"][0])
         dim = p["dim"]
         wq = self.shards[0].get("layers.0.attention.wq.weight")
-        head_dim = (wq.shape[0] * len(self.shards)) // p["n_heads"] if wq is not None else None
+        head_dim = (wq[0] * len(self.shards)) // p["n_heads"] if wq is not None else None
         fields = dict(vocab_size=vocab, dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
                       n_kv_heads=p.get("n_kv_heads") or p["n_heads"], head_dim=head_dim,
                       ffn_dim=meta_ffn_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
@@ -121,7 +126,7 @@ class MetaSource(Source):
         for f, s in zip(self.files, self.shards):
             if key not in s:
                 raise ConfigError(f"{f}: tensor {key} not found")
-            parts.append(to_numpy(s[key]))
+            parts.append(_tensor(f, key))
             if axis is None:
                 break
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
@@ -130,8 +135,7 @@ class MetaSource(Source):
         m = self.model_cfg
         key = meta_name(name, layer)
         if name == EMBED:
-            first = self.shards[0][key]
-            axis = 1 if len(self.shards) > 1 and first.shape[0] == m.vocab_size else 0
+            axis = 1 if len(self.shards) > 1 and self.shards[0][key][0] == m.vocab_size else 0
             return self._merged(key, axis)
         _, axis = _LAYER[name] if layer is not None else _GLOBAL[name]
         arr = self._merged(key, axis)
@@ -141,6 +145,14 @@ class MetaSource(Source):
                 heads = m.n_heads if "q_proj" in name else m.n_kv_heads
                 arr = permute_qk(arr, heads, to_interleaved=False)
         return arr
+
+
+def _tensor(path: Path, key: str) -> np.ndarray:
+    """One tensor, copied out of a freshly memory-mapped load (the map closes when ``state`` goes)."""
+    state = load_state_dict(path)
+    arr = np.array(to_numpy(state[key]))
+    del state
+    return arr
 
 
 def meta_params_json(m: ModelConfig) -> dict:

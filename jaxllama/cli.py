@@ -83,12 +83,16 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from jaxllama.parallel.distributed import initialize_from_env
+    from jaxllama.parallel.distributed import exit_if_peer_failed, initialize_from_env
     from jaxllama.train.loop import train
 
     cfg = _load(args)
     initialize_from_env()  # no-op unless JAX_COORDINATOR_ADDRESS etc. (or SLURM/TPU) describe several processes
-    train(cfg, resume=not args.no_resume)
+    try:
+        train(cfg, resume=not args.no_resume)
+    except Exception as e:
+        exit_if_peer_failed(e)  # multi-process only: a dead peer -> one line, exit 1 now
+        raise
     return 0
 
 

@@ -13,6 +13,8 @@ coordinator, not a hang; a peer that dies later is noticed by the coordination s
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 
@@ -72,12 +74,43 @@ def initialize_from_env(timeout_s: int = 300, heartbeat_s: int = 30) -> bool:
     kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid,
                   local_device_ids=[int(x) for x in local_ids.split(",")] if local_ids else None,
                   initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_s)
+    who = f"process {pid} of {count}" if explicit else "this process"
+    where = f"coordinator {address}" if address else "the coordinator chosen by cluster auto-detection"
+    message = (f"multi-process start-up: {who} could not join {where} within {timeout_s}s "
+               f"(a peer did not start, or the address is wrong)")
+    # JAX's own timeout aborts the process from C++ with a stack dump; our watchdog fires first
+    # with one readable line. JAX's deadline stays as a backstop.
+    kwargs["initialization_timeout"] = timeout_s + 30
+    watchdog = threading.Timer(timeout_s, _give_up, args=(message,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - JAX raises XlaRuntimeError / RuntimeError with long texts
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        who = f"process {pid} of {count}" if explicit else "this process"
-        where = f"coordinator {address}" if address else "the coordinator chosen by cluster auto-detection"
-        raise RunError(f"multi-process start-up: {who} could not join {where} within {timeout_s}s "
-                       f"(a peer did not start, or the address is wrong): {first}") from None
+        raise RunError(f"{message}: {first}") from None
+    finally:
+        watchdog.cancel()
     return True
+
+
+def _give_up(message: str) -> None:
+    """Watchdog: the peers did not arrive; print the reason and leave now (JAX would block, then abort)."""
+    print(f"jaxllama: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def exit_if_peer_failed(error: BaseException) -> None:
+    """In a multi-process job, turn a failed collective into one line and an immediate exit 1.
+
+    When a peer dies, gloo fails the next collective here. Exiting normally would then wait in
+    JAX's shutdown barrier for the dead peer until the heartbeat timeout and abort; ``os._exit``
+    skips that, so the survivors stop within seconds. Does nothing in a single-process run.
+    """
+    if not jax.distributed.is_initialized() or not isinstance(error, jax.errors.JaxRuntimeError):
+        return
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    print(f"jaxllama: error: process {jax.process_index()}: a collective failed, another process probably "
+          f"died ({first})", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)

@@ -12,6 +12,7 @@ the model (batch over ``data``, kv heads over ``tensor``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -49,15 +50,17 @@ class Engine:
     def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None)):
         self.params, self.arch, self.layout = params, arch, layout
         self.model = Llama(arch, layout)
+        # Shapes and the sampling *kind* are static; the seed and the chunk length are traced, so
+        # changing them reuses the compiled loop.
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "cache_len", "max_new"))
-        self._chunk = jax.jit(self._chunk_fn, static_argnames=("sampling", "steps"), donate_argnums=(1,))
+        self._chunk = jax.jit(self._chunk_fn, static_argnames=("sampling",), donate_argnums=(1,))
 
     # -- device functions -------------------------------------------------------------------------
 
     def _constrain(self, x, names):
         return self.layout.constrain(x, names)
 
-    def _prefill_fn(self, params, tokens, lengths, row_ids, live, stop_ids, *, sampling: Sampling,
+    def _prefill_fn(self, params, tokens, lengths, row_ids, live, stop_ids, seed, *, sampling: Sampling,
                     cache_len: int, max_new: int):
         a = self.arch
         b = tokens.shape[0]
@@ -75,13 +78,13 @@ class Engine:
             pos=lengths, last=jnp.zeros((b,), jnp.int32), n=jnp.zeros((b,), jnp.int32),
             limit=jnp.minimum(max_new, cache_len - lengths) * live, done=~live,
             out=jnp.zeros((b, max_new), jnp.int32), logprobs=jnp.zeros((b, max_new), jnp.float32),
-            stopped=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32))
+            stopped=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32), seed=seed)
         state["done"] = state["done"] | (state["limit"] <= 0)
         return self._record(state, logits, sampling)
 
     def _record(self, state, logits, sampling: Sampling):
         """Sample from ``logits`` and append the tokens of rows still running."""
-        tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], sampling)
+        tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], sampling, state["seed"])
         active = ~state["done"]
         is_stop = jnp.any(tok[:, None] == state["stop_ids"][None, :], axis=-1)
         keep = active & ~is_stop
@@ -99,7 +102,7 @@ class Engine:
         s["step"] = state["step"] + 1
         return s
 
-    def _chunk_fn(self, params, state, *, sampling: Sampling, steps: int):
+    def _chunk_fn(self, params, state, steps, *, sampling: Sampling):
         cache_len = state["cache"][0].shape[2]
         end = state["step"] + steps
 
@@ -164,8 +167,9 @@ class Engine:
         live = np.arange(b) < n_rows
         stops = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
         put = functools.partial(jax.device_put, device=self._batch_sharding())
+        static = dataclasses.replace(sampling, seed=0)
         state = self._prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
-                              sampling=sampling, cache_len=cache_len, max_new=max_new_tokens)
+                              np.int32(sampling.seed), sampling=static, cache_len=cache_len, max_new=max_new_tokens)
         results = [Completion() for _ in range(n_rows)]
         while True:
             host = jax.device_get({k: state[k] for k in ("out", "logprobs", "n", "done", "stopped")})
@@ -184,7 +188,7 @@ class Engine:
                 state["stopped"] = state["stopped"] | put(forced)
             if bool(np.all(host["done"] | forced)):
                 return
-            state = self._chunk(self.params, state, sampling=sampling, steps=chunk)
+            state = self._chunk(self.params, state, np.int32(chunk), sampling=static)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None, chunk: int | None = None,

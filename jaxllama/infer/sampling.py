@@ -75,16 +75,17 @@ def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     return logits
 
 
-def row_keys(seed: int, row_ids: jax.Array, step: jax.Array) -> jax.Array:
+def row_keys(seed: int | jax.Array, row_ids: jax.Array, step: jax.Array) -> jax.Array:
     """One PRNG key per row for this step, from (seed, row id, step) only."""
     base = jax.random.key(seed)
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(row_ids)
 
 
 def sample(logits: jax.Array, seen: jax.Array, row_ids: jax.Array, step: jax.Array,
-           s: Sampling) -> tuple[jax.Array, jax.Array]:
+           s: Sampling, seed: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Pick one token per row. Returns (tokens [batch] int32, log-probabilities [batch] float32).
 
+    ``seed`` (default ``s.seed``) may be a traced integer, so one compilation serves every seed.
     The log-probability is the model's own (log-softmax of the raw logits), as vLLM and OpenAI report
     it, so it does not change with the sampling settings.
     """
@@ -95,7 +96,7 @@ def sample(logits: jax.Array, seen: jax.Array, row_ids: jax.Array, step: jax.Arr
         tokens = jnp.argmax(adjusted, axis=-1)
     else:
         filtered = filter_logits(adjusted, s)
-        keys = row_keys(s.seed, row_ids, step)
+        keys = row_keys(s.seed if seed is None else seed, row_ids, step)
         tokens = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -408,3 +408,30 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, words):
     assert p.returncode == 2, out
     assert len(out.splitlines()) == 1 and "Traceback" not in out and words in out, out
     assert not (tmp_path / "out.model").exists()
+
+
+def test_tiktoken_long_run_splitting_follows_meta(monkeypatch):
+    """Meta's encoder cuts a run of (non-)whitespace every N chars; ours must cut at the same places."""
+    import random
+    import re
+
+    from jaxllama.data import tokenizers as T
+
+    def meta_split(s, limit):  # Meta's llama3 _split_whitespaces_or_nonwhitespaces, restated
+        run, is_space, start = 0, s[0].isspace() if s else False, 0
+        for i, ch in enumerate(s):
+            if ch.isspace() != is_space:
+                run, is_space = 1, ch.isspace()
+            else:
+                run += 1
+                if run > limit:
+                    yield s[start:i]
+                    start, run = i, 1
+        yield s[start:]
+
+    monkeypatch.setattr(T, "_TIKTOKEN_MAX_RUN", 5)
+    monkeypatch.setattr(T, "_LONG_RUN", re.compile(r"\s{6,}|\S{6,}"))
+    rng = random.Random(0)
+    for _ in range(2000):
+        s = "".join(rng.choice(" a\u00a0\nb\t") * rng.randint(1, 13) for _ in range(rng.randint(0, 8)))
+        assert T._tiktoken_chunks(s) == list(meta_split(s, 5)), repr(s)

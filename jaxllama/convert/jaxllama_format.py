@@ -24,7 +24,7 @@ class JaxllamaSource(Source):
 
         self.path, self.dtype = Path(path), dtype
         params, self.model_cfg = load_params(str(path))
-        self.params = {k: np.asarray(v) for k, v in _flatten(params)}
+        self.params = dict(_flatten(params))  # jax arrays; one slice at a time becomes numpy
         tok = self.path / TOKENIZER_DIR
         ex = Extras(tokenizer_dir=tok if tok.is_dir() else None)
         if (tok / "tokenizer_config.json").is_file():
@@ -40,7 +40,7 @@ class JaxllamaSource(Source):
         if key not in self.params:
             raise ConfigError(f"{self.path}: parameter {key} not found")
         arr = self.params[key]
-        return arr if layer is None else arr[layer]
+        return np.asarray(arr if layer is None else arr[layer])
 
 
 def _flatten(tree: dict, prefix: str = ""):
@@ -51,6 +51,18 @@ def _flatten(tree: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def _to_device(tree: dict) -> dict:
+    """Move leaves to the device one at a time, dropping each numpy copy (Orbax would copy the whole tree)."""
+    import jax
+
+    for k in list(tree):
+        if isinstance(tree[k], dict):
+            _to_device(tree[k])
+        else:
+            tree[k] = jax.device_put(tree.pop(k))
+    return tree
+
+
 def write_jaxllama(src: Source, dst: str | Path) -> Path:
     """A params-only jaxllama checkpoint (``save_params``) plus the source's tokenizer files."""
     import json
@@ -58,7 +70,7 @@ def write_jaxllama(src: Source, dst: str | Path) -> Path:
     from jaxllama.checkpoint import save_params
 
     with atomic_output(dst, is_file=True) as out:
-        save_params(str(out), stacked_params(src), src.model_cfg)
+        save_params(str(out), _to_device(stacked_params(src)), src.model_cfg)
         ex = src.extras
         tok = out / TOKENIZER_DIR
         tok.mkdir()

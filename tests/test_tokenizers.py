@@ -435,3 +435,9 @@ def test_tiktoken_long_run_splitting_follows_meta(monkeypatch):
     for _ in range(2000):
         s = "".join(rng.choice(" a\u00a0\nb\t") * rng.randint(1, 13) for _ in range(rng.randint(0, 8)))
         assert T._tiktoken_chunks(s) == list(meta_split(s, 5)), repr(s)
+
+
+def test_demo_tokenizer_too_small_for_the_model_vocab_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"stdlib demo tokenizer: model.vocab_size 128: must be at least 261"):
+        cached_stdlib_tokenizer(128, str(tmp_path))
+    assert not list(tmp_path.glob("*.model"))

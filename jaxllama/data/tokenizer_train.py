@@ -63,14 +63,14 @@ def sample_lines(documents: Iterable[str], max_sentences: int, seed: int = 0) ->
     return sample, counts[0], counts[1]
 
 
-def _spm_error(e: Exception, vocab_size: int) -> ConfigError:
+def _spm_error(e: Exception, vocab_size: int, key: str) -> ConfigError:
     """SentencePiece's CHECK-failure text -> one line a user can act on."""
     msg = str(e)
     if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg):
-        return ConfigError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+        return ConfigError(f"{key} {vocab_size} is too small for this corpus: it needs at least "
                            f"{m.group(1)} pieces (4 special + 256 byte pieces + its characters)")
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", msg):
-        return ConfigError(f"--vocab-size {vocab_size} is too large for this corpus: at most {m.group(1)} "
+        return ConfigError(f"{key} {vocab_size} is too large for this corpus: at most {m.group(1)} "
                            "pieces can be learned from it (give more text or a smaller size)")
     return ConfigError(f"tokenizer training failed: {msg.strip().splitlines()[0][:300] if msg.strip() else e!r}")
 
@@ -79,13 +79,14 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output: str, 
     """Train a Llama-style SentencePiece BPE model on ``documents`` and write it atomically to ``output``.
 
     ``opts``: ``max_sentences`` (default 1M lines, sampled with ``seed``, default 0), ``report`` (a list that
-    receives a :class:`TrainReport`), and any SentencePiece trainer option (e.g. ``character_coverage``,
+    receives a :class:`TrainReport`), ``vocab_key`` (how errors name the size), and any SentencePiece trainer option (e.g. ``character_coverage``,
     ``model_type``, ``num_threads``), which override the defaults. Returns ``output``.
     """
     import sentencepiece as spm
 
+    key = opts.pop("vocab_key", "--vocab-size")  # how error messages name the size (CLI flag or config key)
     if not isinstance(vocab_size, int) or vocab_size < 261:
-        raise ConfigError(f"--vocab-size {vocab_size}: must be at least 261 (4 special + 256 byte pieces + 1)")
+        raise ConfigError(f"{key} {vocab_size}: must be at least 261 (4 special + 256 byte pieces + 1)")
     out = Path(output).expanduser()
     if out.is_dir():
         raise ConfigError(f"--output {output}: is a directory; give a file name such as {out / 'tokenizer.model'}")
@@ -108,7 +109,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output: str, 
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=buf, **trainer)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise _spm_error(e, vocab_size) from None
+        raise _spm_error(e, vocab_size, key) from None
     _write_atomic(out, buf.getvalue())
     if report is not None:
         report.append(TrainReport(str(out), vocab_size, n_docs, n_lines, len(sample), time.perf_counter() - start))
@@ -179,5 +180,7 @@ def cached_stdlib_tokenizer(vocab_size: int, cache_dir: str | None = None) -> st
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _loads(path):  # another process may have finished while we waited
-            train_sentencepiece(iter_documents("stdlib"), vocab_size, str(path))
+            # The pipeline sizes the demo tokenizer by the model's vocabulary; errors say so.
+            train_sentencepiece(iter_documents("stdlib"), vocab_size, str(path),
+                                vocab_key="stdlib demo tokenizer: model.vocab_size")
     return str(path)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_check(sub)
     _add_convert(sub)
     _add_tokenizer(sub)
+    _add_generate(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -173,6 +175,81 @@ def cmd_tokenizer_info(args) -> int:
     from jaxllama.data.tokenizers import describe_tokenizer
 
     print(describe_tokenizer(args.path, args.text))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a jaxllama checkpoint or run dir, a Hugging Face or Meta folder, or a .gguf file")
+    p.add_argument("--tokenizer", help="tokenizer file or folder (default: the one beside the model)")
+    p.add_argument("--mesh", help="inference mesh, e.g. data=1,tensor=4 (default: widest tensor split that fits)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights and compute (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from prompts (batched, KV cache, sharded)",
+                       description="Generate continuations of prompts with a sharded KV-cache engine. Text streams "
+                                   "to stdout as it is produced; --json prints one JSON object per completion.")
+    _add_model_args(p)
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="a file of prompts, one per line (run as one batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--chat-template", default="auto", choices=("auto", "jinja", "llama3", "llama2"),
+                   help="auto: the checkpoint's Jinja template, else Llama 3 or Llama 2 by tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default 256)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0 = off)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="JSON lines: text, token ids, log-probabilities")
+    p.add_argument("--chunk", type=int, default=16, help="decode steps per jitted call between stream updates")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from jaxllama.infer.generate import generate, load, read_prompts
+    from jaxllama.infer.sampling import Sampling
+
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.n < 1:
+        raise ConfigError(f"--n: must be >= 1, got {args.n}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype)
+    generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
+             system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="mean NLL and perplexity of a model over a data source",
+                       description="Evaluate MODEL on --data (any data.source: stdlib, synthetic, tfds:NAME, a "
+                                   "file glob) through the input pipeline; prints one JSON line.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="the eval data, as data.source (e.g. 'data/*.jsonl', tfds:NAME)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default 512, or the model's context if shorter)")
+    p.add_argument("--batch", type=int, default=8, help="rows per step (default 8)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default 0: all)")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value", help="input pipeline overrides")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from jaxllama.infer.evaluate import evaluate
+
+    result = evaluate(args.model, args.data, args.tokenizer, args.mesh, args.dtype, args.seq_len, args.batch,
+                      args.max_batches, args.overrides, say=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result))
     return 0
 
 

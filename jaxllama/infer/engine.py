@@ -47,8 +47,11 @@ def _round_up(n: int, k: int) -> int:
 class Engine:
     """Generation for one model (params already placed on ``layout``'s mesh)."""
 
-    def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None)):
+    def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None), vocab_limit: int | None = None):
+        """``vocab_limit``: the tokenizer's size when the model's vocabulary is padded beyond it; ids at
+        or above it are never sampled (they would not decode)."""
         self.params, self.arch, self.layout = params, arch, layout
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < arch.vocab_size else None
         self.model = Llama(arch, layout)
         # Shapes and the sampling *kind* are static; the seed and the chunk length are traced, so
         # changing them reuses the compiled loop.
@@ -84,6 +87,8 @@ class Engine:
 
     def _record(self, state, logits, sampling: Sampling):
         """Sample from ``logits`` and append the tokens of rows still running."""
+        if self.vocab_limit is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], sampling, state["seed"])
         active = ~state["done"]
         is_stop = jnp.any(tok[:, None] == state["stop_ids"][None, :], axis=-1)

@@ -126,7 +126,7 @@ def test_one_failing_worker_stops_all_and_its_code_is_returned(fake_pod):
     start = time.monotonic()
     p = sh("--tpu", "t", "--zone", "z", "--workers", "3", "--no-install", "--logs", str(logs), "--",
            "bash", "-c", 'if [[ -f ~/fail ]]; then sleep 1; echo boom; exit 3; fi; '
-                         'trap "echo got SIGTERM, saving; kill $!; exit 0" TERM; echo training; sleep 300 & wait',
+                         'echo training; sleep 300 & trap "echo got SIGTERM, saving; kill $!; exit 0" TERM; wait',
            env=env, timeout=120)
     assert p.returncode == 3, p.stderr
     assert time.monotonic() - start < 60  # the others did not run their 300 s

@@ -144,6 +144,8 @@ def _corrupt(folder, how):
         last.write_bytes(last.read_bytes()[:-100])
     elif how == "missing_tensor":
         cfg["num_hidden_layers"] = 3
+    elif how == "missing_shard":
+        sorted(folder.glob("*.safetensors"))[0].unlink()
     cfg_path.write_text(json.dumps(cfg))
 
 
@@ -154,12 +156,13 @@ BAD = {
     "shape": ["mlp.gate_proj.weight", "(96, 64)"],
     "truncated": [".safetensors", "truncated"],
     "missing_tensor": ["model.layers.2.", "not found"],
+    "missing_shard": ["model.safetensors.index.json", "model-00001-of-", "missing"],
 }
 
 
 @pytest.mark.parametrize("how", BAD)
 def test_bad_input_is_one_line_naming_the_file_and_nothing_is_left(tmp_path, capsys, how):
-    write_random_hf(tmp_path / "hf", shard_size=10**9 if how != "truncated" else 30_000)
+    write_random_hf(tmp_path / "hf", shard_size=30_000 if how in ("truncated", "missing_shard") else 10**9)
     _corrupt(tmp_path / "hf", how)
     before = set(tmp_path.iterdir())
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf"]) == 2

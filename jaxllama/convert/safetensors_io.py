@@ -90,4 +90,4 @@ def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], np
             arr = np.ascontiguousarray(produce(name))
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dt):
                 raise ConfigError(f"{path}: tensor {name} produced as {arr.shape} {arr.dtype}, planned {shape} {dt}")
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # the tensor's bytes, without a copy

@@ -147,7 +147,8 @@ def _add_tokenizer(sub) -> None:
     t.add_argument("--input", required=True, help="a file glob ('**' allowed) or 'stdlib' (the demo corpus)")
     t.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
     t.add_argument("--output", required=True, help="the model file to write, e.g. tokenizer.model")
-    t.add_argument("--format", default="auto", help="auto (by extension), text, lines or jsonl")
+    t.add_argument("--format", default="auto", choices=("auto", "text", "lines", "jsonl"),
+                   help="auto (.jsonl/.json -> jsonl, else text: one document per file), text, lines, jsonl")
     t.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
     t.add_argument("--max-sentences", type=int, default=1_000_000,
                    help="lines sampled for training (seeded reservoir sample; default 1000000)")

@@ -79,8 +79,9 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output: str, 
     """Train a Llama-style SentencePiece BPE model on ``documents`` and write it atomically to ``output``.
 
     ``opts``: ``max_sentences`` (default 1M lines, sampled with ``seed``, default 0), ``report`` (a list that
-    receives a :class:`TrainReport`), ``vocab_key`` (how errors name the size), and any SentencePiece trainer option (e.g. ``character_coverage``,
-    ``model_type``, ``num_threads``), which override the defaults. Returns ``output``.
+    receives a :class:`TrainReport`), ``vocab_key`` (how errors name the size), and any SentencePiece
+    trainer option (e.g. ``character_coverage``, ``model_type``, ``num_threads``), which override the
+    defaults. Returns ``output``.
     """
     import sentencepiece as spm
 

@@ -240,8 +240,26 @@ def test_tf_tokenize_equals_encode_batch(kind, sp_path, tiktoken_path, hf_dir):
     assert scalar.dtype == tf.int32 and scalar.numpy().tolist() == tok.encode(SAMPLES[1], bos=True, eos=True)
 
 
-def test_importing_tokenizers_does_not_import_tensorflow():
-    code = "import sys, jaxllama.data.tokenizers; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+def test_tf_tokenize_names_invalid_utf8(sp_path):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices([b"fine", b"bad \xff byte"]).batch(2)
+    ds = ds.map(tf_tokenize(load_tokenizer(sp_path)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"document 1 of the batch is not valid UTF-8"):
+        list(ds)
+
+
+def test_encode_batch_equals_encode_without_bos_eos(sp_path, tiktoken_path, hf_dir):
+    for path in (sp_path, tiktoken_path, str(hf_dir)):
+        tok = load_tokenizer(path, add_eos=True)
+        assert tok.encode_batch(SAMPLES) == [tok.encode(t, bos=False, eos=False) for t in SAMPLES], path
+
+
+def test_using_tokenizers_does_not_import_tensorflow(sp_path, tiktoken_path, hf_dir):
+    code = ("import sys\nfrom jaxllama.data.tokenizers import load_tokenizer\n"
+            f"for p in {[sp_path, tiktoken_path, str(hf_dir)]!r}:\n"
+            "    t = load_tokenizer(p); t.decode(t.encode('hi there')); t.encode_batch(['a', 'b'])\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode == 0, p.stderr
 

@@ -416,7 +416,13 @@ def tf_tokenize(tok: Tokenizer, bos: bool = False, eos: bool = False) -> Callabl
     tail = [tok._need(tok.eos_id, "EOS")] if eos else []
 
     def encode(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        texts = [b.decode("utf-8") for b in batch.reshape(-1)]
+        texts = []
+        for i, raw in enumerate(batch.reshape(-1)):
+            try:
+                texts.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:  # surfaces as tf.errors.InvalidArgumentError with this text
+                raise ValueError(f"tf_tokenize: document {i} of the batch is not valid UTF-8 "
+                                 f"({e.reason} at byte {e.start})") from None
         ids = tok.encode_batch(texts)
         if head or tail:
             ids = [head + x + tail for x in ids]

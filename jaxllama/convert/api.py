@@ -83,7 +83,7 @@ class LoadedModel:
 def load_model(path: str, dtype: Any = None) -> LoadedModel:
     """Read any supported checkpoint into the canonical tree; ``dtype`` (e.g. ``"bfloat16"``) casts on read."""
     if dtype is not None and not isinstance(dtype, str):
-        dtype = np.dtype(dtype).name if np.dtype(dtype).name != "bfloat16" else "bfloat16"
+        dtype = np.dtype(dtype).name  # np.float32, jnp.bfloat16 ... -> "float32", "bfloat16"
     src = open_source(path, dtype)
     params = stacked_params(src)
     ex = src.extras

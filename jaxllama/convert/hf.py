@@ -16,7 +16,7 @@ import numpy as np
 from jaxllama.config import ModelConfig
 from jaxllama.convert.common import (EMBED, HEAD, NORM, Extras, Source, atomic_output,
                                      copy_tokenizer_files, dtype_name, expected_shape, model_config)
-from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS
+from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS, hf_config
 from jaxllama.convert.safetensors_io import SafetensorsFile, write_safetensors
 from jaxllama.errors import ConfigError
 
@@ -82,32 +82,6 @@ def model_config_from_hf(cfg: dict, where: Path) -> ModelConfig:
     elif kind != "default":
         raise ConfigError(f"{where}: rope type {kind!r} is not supported (default or llama3)")
     return model_config(**fields)
-
-
-def hf_config(m: ModelConfig, torch_dtype: str, bos: int | None, eos) -> dict:
-    """``config.json`` with the 5.x ``rope_parameters`` and the 4.x ``rope_theta``/``rope_scaling``."""
-    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
-    legacy = None
-    if m.rope_type == "llama3":
-        extra = {"factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
-                 "high_freq_factor": m.rope_high_freq_factor,
-                 "original_max_position_embeddings": m.rope_original_max_position}
-        rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, **extra}
-        legacy = {"rope_type": "llama3", **extra}
-    cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
-        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
-        "head_dim": m.head_dim, "max_position_embeddings": m.max_position, "rms_norm_eps": m.norm_eps,
-        "rope_parameters": rope, "rope_theta": m.rope_theta, "rope_scaling": legacy,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "dtype": torch_dtype, "torch_dtype": torch_dtype,
-    }
-    if bos is not None:
-        cfg["bos_token_id"] = bos
-    if eos is not None:
-        cfg["eos_token_id"] = eos
-    return cfg
 
 
 class _TorchBin:

@@ -49,21 +49,35 @@ def to_hf_tensors(params: dict, a: Arch) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def hf_config_dict(a: Arch) -> dict:
-    """A ``config.json`` for transformers 5.x (``rope_parameters``) that also carries the 4.x keys."""
-    rope = {"rope_type": "default", "rope_theta": a.rope_theta}
-    legacy_scaling = None
-    if a.rope_type == "llama3":
-        extra = {"factor": a.rope_factor, "low_freq_factor": a.rope_low_freq_factor,
-                 "high_freq_factor": a.rope_high_freq_factor,
-                 "original_max_position_embeddings": a.rope_original_max_position}
-        rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, **extra}
-        legacy_scaling = {"rope_type": "llama3", **extra}
-    return {
+    """A float32 ``config.json`` for an :class:`Arch` (see :func:`hf_config`)."""
+    return hf_config(a, "float32", None, None)
+
+
+def hf_config(m, torch_dtype: str, bos: int | None, eos) -> dict:
+    """``config.json`` with the 5.x ``rope_parameters`` and the 4.x ``rope_theta``/``rope_scaling``.
+
+    ``m`` is a resolved ModelConfig or an Arch (same field names); transformers of either major
+    version reads the result.
+    """
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    legacy = None
+    if m.rope_type == "llama3":
+        extra = {"factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
+                 "high_freq_factor": m.rope_high_freq_factor,
+                 "original_max_position_embeddings": m.rope_original_max_position}
+        rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, **extra}
+        legacy = {"rope_type": "llama3", **extra}
+    cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": a.vocab_size, "hidden_size": a.dim, "intermediate_size": a.ffn_dim,
-        "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
-        "head_dim": a.head_dim, "max_position_embeddings": a.max_position, "rms_norm_eps": a.norm_eps,
-        "rope_parameters": rope, "rope_theta": a.rope_theta, "rope_scaling": legacy_scaling,
-        "tie_word_embeddings": a.tie_embeddings, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": "float32",
+        "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
+        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim, "max_position_embeddings": m.max_position, "rms_norm_eps": m.norm_eps,
+        "rope_parameters": rope, "rope_theta": m.rope_theta, "rope_scaling": legacy,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "dtype": torch_dtype, "torch_dtype": torch_dtype,
     }
+    if bos is not None:
+        cfg["bos_token_id"] = bos
+    if eos is not None:
+        cfg["eos_token_id"] = eos
+    return cfg

@@ -184,3 +184,24 @@ def test_unknown_format_and_existing_destination(tmp_path, capsys):
     assert "--shard-size" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no such file"):
         load_model(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("to", ["hf", "gguf", "meta", "jaxllama"])
+def test_failure_midway_leaves_no_destination(tmp_path, capsys, to):
+    """The last layer's tensor is the wrong shape: the writer has already written earlier tensors when it fails."""
+    from jaxllama.convert.safetensors_io import write_safetensors
+
+    write_random_hf(tmp_path / "hf", shard_size=10**9)
+    f = tmp_path / "hf" / "model.safetensors"
+    sf = SafetensorsFile(f)
+    tensors = {k: np.array(sf.get(k)) for k in sf.keys()}
+    tensors["model.layers.1.mlp.down_proj.weight"] = np.zeros((64, 95), np.float32)
+    del sf
+    f.unlink()
+    write_safetensors(f, [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.__getitem__)
+    before = set(tmp_path.iterdir())
+    dst = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    assert main(["convert", str(tmp_path / "hf"), str(dst), "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: model.layers.1.mlp.down_proj.weight: shape (64, 95)" in err, err
+    assert set(tmp_path.iterdir()) == before

@@ -150,3 +150,11 @@ def test_bad_mesh(model):
         inference_layout(a, parse_mesh("data=2,tensor=8"))
     with pytest.raises(ConfigError, match="--mesh: expected"):
         parse_mesh("model=2")
+
+
+def test_vocab_limit_masks_padded_ids(model):
+    a, params, prompts, _, out = model
+    engine = Engine(params, a, vocab_limit=40)
+    assert max(t for o in out for t in o.tokens) >= 40  # without the limit these ids do come up
+    for s in (GREEDY, Sampling(temperature=2.0, seed=1)):
+        assert max(t for g in engine.generate(prompts, NEW, s) for t in g.tokens) < 40

@@ -198,3 +198,28 @@ def test_bad_input_is_one_line(hf_dir, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxllama: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "meta", "jaxllama"])
+def test_generate_from_every_format(hf_dir, tmp_path, capsys, fmt):
+    base = ["--prompt", "the lazy dog", "--temperature", "0", "--max-new-tokens", "6"]
+    [want] = run_json(capsys, str(hf_dir), *base)
+    dst = tmp_path / ("m.gguf" if fmt == "gguf" else fmt)
+    assert main(["convert", str(hf_dir), str(dst), "--to", fmt]) == 0
+    extra = [] if fmt == "gguf" else ["--tokenizer", str(hf_dir)]  # GGUF carries its tokenizer
+    [got] = run_json(capsys, str(dst), *base, *extra)
+    assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
+
+
+def test_bfloat16_and_no_tensorflow(hf_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from jaxllama.cli import main; "
+            f"rc = main(['generate', {str(hf_dir)!r}, '--prompt', 'hello', '--max-new-tokens', '5', '--dtype', "
+            "'bfloat16', '--json']); assert rc == 0; assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(row["tokens"]) == 5 and all(lp <= 0 for lp in row["logprobs"])

@@ -144,6 +144,10 @@ def _corrupt(folder, how):
         last.write_bytes(last.read_bytes()[:-100])
     elif how == "missing_tensor":
         cfg["num_hidden_layers"] = 3
+    elif how == "bad_header":
+        f = sorted(folder.glob("*.safetensors"))[0]
+        head = b'{"model.norm.weight": {"dtype": "F32"}}'
+        f.write_bytes(len(head).to_bytes(8, "little") + head)
     elif how == "missing_shard":
         sorted(folder.glob("*.safetensors"))[0].unlink()
     cfg_path.write_text(json.dumps(cfg))
@@ -156,6 +160,7 @@ BAD = {
     "shape": ["mlp.gate_proj.weight", "(96, 64)"],
     "truncated": [".safetensors", "truncated"],
     "missing_tensor": ["model.layers.2.", "not found"],
+    "bad_header": ["model.safetensors", "corrupt safetensors header"],
     "missing_shard": ["model.safetensors.index.json", "model-00001-of-", "missing"],
 }
 

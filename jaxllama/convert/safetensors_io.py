@@ -43,13 +43,20 @@ class SafetensorsFile:
             raise ConfigError(f"{self.path}: corrupt safetensors header ({e})") from None
         except OSError as e:
             raise ConfigError(f"{self.path}: cannot read ({e.strerror})") from None
+        if not isinstance(header, dict):
+            raise ConfigError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        try:
+            end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+            for e in header.values():
+                e["dtype"], e["shape"] = str(e["dtype"]), [int(d) for d in e["shape"]]
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ConfigError(f"{self.path}: corrupt safetensors header (entry lacks {e})") from None
         if self.data_start + end > size:
             raise ConfigError(f"{self.path}: truncated safetensors file ({size} bytes, header says "
-                           f"{self.data_start + end})")
+                              f"{self.data_start + end})")
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -186,7 +186,10 @@ class GGUFSource(Source):
             msg = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"{self.path}: truncated or corrupt GGUF file ({msg})") from None
         self.fields = {k: _field(self.reader, k) for k in self.reader.fields}
-        self.model_cfg = self._config()
+        try:
+            self.model_cfg = self._config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.path}: invalid llama.* metadata ({e})") from None
         vocab = read_vocab(self.fields)
         template = self.fields.get("tokenizer.chat_template")
         ex = Extras(chat_template=template)

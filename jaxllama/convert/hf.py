@@ -108,7 +108,10 @@ class HFSource(Source):
         self.path = Path(path)
         self.dtype = dtype
         cfg = _read_json(self.path / "config.json")
-        self.model_cfg = model_config_from_hf(cfg, self.path / "config.json")
+        try:
+            self.model_cfg = model_config_from_hf(cfg, self.path / "config.json")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.path / 'config.json'}: invalid value ({e})") from None
         self.files = self._weight_files()
         self.where_file: dict[str, object] = {}
         for f in self.files:

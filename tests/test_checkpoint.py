@@ -1,0 +1,134 @@
+"""Checkpoints in one process: params-only save/load, exact resume, retention, damage, other meshes, errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllama.checkpoint import load_params, save_params
+from jaxllama.cli import main as cli_main
+from jaxllama.config import load_config
+from jaxllama.data.synthetic import SyntheticSource
+from jaxllama.errors import ConfigError
+from jaxllama.train.loop import Trainer, train
+
+BASE = ["model.preset=debug", "data.source=synthetic", "data.seq_len=32", "data.global_batch=8", "train.log_every=1",
+        "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=2", "train.peak_flops=1e9"]
+
+
+def cfg_for(run_dir, *overrides):
+    return load_config(None, [*BASE, f"run_dir={run_dir}", *overrides])
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def arrays_equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+class CrashAfter(SyntheticSource):
+    """Raises after handing out ``limit`` batches: a run that dies mid-way (its saves already started)."""
+
+    def __init__(self, *args, limit: int, **kw):
+        super().__init__(*args, **kw)
+        self.limit = limit
+
+    def __next__(self):
+        if self.position >= self.limit:
+            raise RuntimeError("simulated crash")
+        return super().__next__()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """An uninterrupted 6-step run saving every 2 steps: the reference for resume tests."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(cfg_for(run, "train.steps=6", "checkpoint.every=2"), out=lambda _: None)
+    return run
+
+
+def test_params_only_roundtrip_onto_a_mesh_and_dtype(tmp_path, make_cfg):
+    cfg = make_cfg("mesh.data=2", "mesh.fsdp=4")
+    trainer = Trainer.build(cfg)
+    save_params(str(tmp_path / "p"), trainer.state.params, cfg.model)
+    params, model_cfg = load_params(str(tmp_path / "p"))
+    assert model_cfg == cfg.model
+    assert arrays_equal(params, trainer.state.params)
+    sharded, _ = load_params(str(tmp_path / "p"), shardings=trainer.state_shardings.params, dtype=jnp.bfloat16)
+    leaf = sharded["layers"]["mlp"]["up_proj"]["kernel"]
+    assert leaf.dtype == jnp.bfloat16 and leaf.sharding == trainer.state_shardings.params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert leaf.addressable_shards[0].data.shape != leaf.shape  # really split, not replicated
+    ref = trainer.state.params["layers"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref.astype(jnp.bfloat16)))
+    numpy_params = jax.tree.map(np.asarray, trainer.state.params)  # converters hand over numpy trees
+    save_params(str(tmp_path / "np"), numpy_params, cfg.model)
+    assert arrays_equal(load_params(str(tmp_path / "np"))[0], numpy_params)
+
+
+def test_params_bad_paths(tmp_path, make_cfg):
+    cfg = make_cfg()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        save_params(str(tmp_path / "exists"), {"w": np.zeros(2)}, cfg.model)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        load_params(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a jaxllama checkpoint"):
+        load_params(str(tmp_path / "exists"))
+
+
+def test_resume_after_crash_is_bitwise_exact(tmp_path, finished_run):
+    run = tmp_path / "run"
+    cfg = cfg_for(run, "train.steps=6", "checkpoint.every=2")
+    src = CrashAfter(cfg.model.vocab_size, 32, 8, seed=0, limit=3)  # dies fetching the batch of step 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, source=src, out=lambda _: None)
+    assert sorted(losses(run)) == [1, 2, 3]
+    lines = []
+    summary = train(cfg_for(run, "train.steps=6", "checkpoint.every=2"), out=lines.append)
+    assert summary["resumed_from"] == 2 and any("resumed from the checkpoint at step 2" in x for x in lines)
+    ref, got = losses(finished_run), losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # step 3 was logged by the crashed run, then re-logged once
+    assert got == ref  # bitwise equal floats
+    data_file = run / "checkpoints" / "6" / "data" / "process_0-of-1.json"
+    assert json.loads(data_file.read_text()) == {"position": 6}  # six batches consumed, none twice
+    params, model_cfg = load_params(str(run))  # a run dir resolves to its latest step
+    ref_params, _ = load_params(str(finished_run / "checkpoints" / "6"))
+    assert model_cfg.dim == 64 and arrays_equal(params, ref_params)
+
+
+def test_keep_and_keep_every(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(run, "train.steps=6", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=3",
+                  "checkpoint.async_save=false"), out=lambda _: None)
+    kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [3, 5, 6]
+
+
+def test_shape_mismatch_names_the_fields(tmp_path, finished_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with pytest.raises(ConfigError, match=r"model\.ffn_dim: checkpoint 96, config 128"):
+        train(cfg_for(run, "train.steps=6", "model.ffn_dim=128"), out=lambda _: None)
+    rc = cli_main(["train", *BASE, f"run_dir={run}", "model.n_layers=3"])
+    assert rc == 2 and "model.n_layers: checkpoint 2, config 3" in capsys.readouterr().err
+
+
+def test_no_resume_refuses_an_existing_run(tmp_path, finished_run, capsys):
+    before = (finished_run / "config.yaml").read_text()
+    rc = cli_main(["train", "--no-resume", *BASE, f"run_dir={finished_run}", "train.steps=6"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already has checkpoints (latest step 6)" in err and str(finished_run) in err
+    assert (finished_run / "config.yaml").read_text() == before  # nothing touched
+
+
+def test_bad_checkpoint_config_values():
+    with pytest.raises(ConfigError, match="checkpoint.keep: must be positive"):
+        load_config(None, ["checkpoint.keep=0"])
+    with pytest.raises(ConfigError, match="checkpoint.every: must be >= 0"):
+        load_config(None, ["checkpoint.every=-1"])

@@ -50,6 +50,7 @@ def test_round_trip_through_another_format_is_lossless(origin, x, y):
     convert(str(mid), str(back), x)
     loaded = load_model(str(back))
     assert loaded.model_cfg == m
+    assert loaded.tokenizer_path is None  # the origin has no tokenizer, and none is invented
     a, b = dict(flat(params)), dict(flat(loaded.params))
     assert a.keys() == b.keys()
     for k in a:

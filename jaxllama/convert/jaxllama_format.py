@@ -26,7 +26,7 @@ class JaxllamaSource(Source):
         params, self.model_cfg = load_params(str(path))
         self.params = dict(_flatten(params))  # jax arrays; one slice at a time becomes numpy
         tok = self.path / TOKENIZER_DIR
-        ex = Extras(tokenizer_dir=tok if tok.is_dir() else None)
+        ex = Extras(tokenizer_dir=tok if tok.is_dir() and any(tok.iterdir()) else None)
         if (tok / "tokenizer_config.json").is_file():
             ex.chat_template = _read_json(tok / "tokenizer_config.json").get("chat_template")
         if (tok / "generation_config.json").is_file():
@@ -83,5 +83,7 @@ def write_jaxllama(src: Source, dst: str | Path) -> Path:
                 gen.setdefault(k, v)
         if gen:
             (tok / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if not any(tok.iterdir()):
+            tok.rmdir()
     return Path(dst)
 

@@ -140,7 +140,7 @@ def compile_check(config: str | None, overrides: list[str], devices: int, timeou
         raise ConfigError(f"--devices: must be a positive number of devices, got {devices}")
     cfg = load_config(config, overrides)
     validate_mesh(cfg, devices)  # fail fast, before paying for a process start
-    if jax.default_backend() == "cpu" and jax.device_count() == devices:
+    if _simulating(devices) and jax.device_count() == devices:
         return compile_train_step(cfg)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS=f"{_strip_device_count(os.environ.get('XLA_FLAGS', ''))} "
@@ -162,14 +162,21 @@ def compile_check(config: str | None, overrides: list[str], devices: int, timeou
     return CompileReport(**result)
 
 
+def _simulating(devices: int) -> bool:
+    """True when this process is set up (by environment) as ``devices`` CPU devices. Decided without
+    starting a JAX backend, which on a GPU host would claim most of the GPU memory for nothing."""
+    flags = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return os.environ.get("JAX_PLATFORMS") == "cpu" and bool(flags) and int(flags[-1]) == devices
+
+
 def _strip_device_count(flags: str) -> str:
     return re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags).strip()
 
 
 def format_report(r: CompileReport) -> str:
     """The lines ``jaxllama compile-check`` prints."""
-    def g(n: int) -> str:
-        return f"{n / GIB:9.3f} GiB"
+    def g(n: int) -> str:  # GiB, or MiB for small models
+        return f"{n / GIB:9.3f} GiB" if n >= GIB / 10 or n == 0 else f"{n / 2**20:9.3f} MiB"
 
     mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
     coll = ", ".join(f"{k} {v}" for k, v in r.collectives.items()) or "none"

@@ -159,8 +159,8 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
 
 def format_plan(p: dict) -> str:
     """The plan as the lines ``jaxllama info --devices N`` prints."""
-    def g(n: int) -> str:
-        return f"{n / GIB:8.2f} GiB"
+    def g(n: int) -> str:  # GiB, or MiB for small models
+        return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 or n == 0 else f"{n / 2**20:8.2f} MiB"
 
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
     rows = p["global_batch"] // (p["mesh"]["data"] * p["mesh"]["fsdp"] * p["grad_accum"])

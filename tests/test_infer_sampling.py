@@ -73,8 +73,10 @@ def test_draws_follow_the_filtered_distribution(logits):
 def test_seed_and_row_ids_decide_the_draw(logits):
     s = Sampling(temperature=1.0)
     seen = jnp.zeros((4, 1), bool)
-    draw = lambda seed, ids: np.asarray(sample(jnp.asarray(logits), seen, jnp.asarray(ids), jnp.int32(3), s,  # noqa: E731
-                                                jnp.int32(seed))[0])
+
+    def draw(seed, ids):
+        return np.asarray(sample(jnp.asarray(logits), seen, jnp.asarray(ids), jnp.int32(3), s, jnp.int32(seed))[0])
+
     a = draw(0, [0, 1, 2, 3])
     assert np.array_equal(a, draw(0, [0, 1, 2, 3]))
     assert not np.array_equal(np.stack([draw(k, [0, 1, 2, 3]) for k in range(1, 6)]), np.stack([a] * 5))

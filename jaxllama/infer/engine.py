@@ -44,35 +44,29 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-class Engine:
-    """Generation for one model (params already placed on ``layout``'s mesh)."""
+@dataclass(frozen=True)
+class _Program:
+    """The device side of one engine configuration. Hashable: it is the static argument of the jitted
+    functions below, so every Engine with the same model, mesh and sampling kind shares compilations."""
 
-    def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None), vocab_limit: int | None = None):
-        """``vocab_limit``: the tokenizer's size when the model's vocabulary is padded beyond it; ids at
-        or above it are never sampled (they would not decode)."""
-        self.params, self.arch, self.layout = params, arch, layout
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < arch.vocab_size else None
-        self.model = Llama(arch, layout)
-        # Shapes and the sampling *kind* are static; the seed and the chunk length are traced, so
-        # changing them reuses the compiled loop.
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "cache_len", "max_new"))
-        self._chunk = jax.jit(self._chunk_fn, static_argnames=("sampling",), donate_argnums=(1,))
+    arch: Arch
+    layout: Layout
+    vocab_limit: int | None
+    sampling: Sampling
 
-    # -- device functions -------------------------------------------------------------------------
+    @property
+    def model(self) -> Llama:
+        return Llama(self.arch, self.layout)
 
-    def _constrain(self, x, names):
-        return self.layout.constrain(x, names)
-
-    def _prefill_fn(self, params, tokens, lengths, row_ids, live, stop_ids, seed, *, sampling: Sampling,
-                    cache_len: int, max_new: int):
+    def prefill(self, params, tokens, lengths, row_ids, live, stop_ids, seed, cache_len: int, max_new: int):
         a = self.arch
         b = tokens.shape[0]
         shape = (a.n_layers, b, cache_len, a.n_kv_heads, a.head_dim)
-        cache = tuple(self._constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), CACHE_AXES) for _ in range(2))
+        cache = tuple(self.layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), CACHE_AXES) for _ in range(2))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache, lengths - 1,
                                          method=Llama.decode)
-        vocab = a.vocab_size if sampling.repetition_penalty != 1.0 else 1
+        vocab = a.vocab_size if self.sampling.repetition_penalty != 1.0 else 1
         rows = jnp.arange(b)
         valid = positions < lengths[:, None]
         seen = jnp.zeros((b, vocab), bool).at[rows[:, None], jnp.where(valid, tokens, vocab)].set(True, mode="drop")
@@ -83,13 +77,13 @@ class Engine:
             out=jnp.zeros((b, max_new), jnp.int32), logprobs=jnp.zeros((b, max_new), jnp.float32),
             stopped=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32), seed=seed)
         state["done"] = state["done"] | (state["limit"] <= 0)
-        return self._record(state, logits, sampling)
+        return self.record(state, logits)
 
-    def _record(self, state, logits, sampling: Sampling):
+    def record(self, state, logits):
         """Sample from ``logits`` and append the tokens of rows still running."""
         if self.vocab_limit is not None:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], sampling, state["seed"])
+        tok, lp = sample(logits, state["seen"], state["row_ids"], state["step"], self.sampling, state["seed"])
         active = ~state["done"]
         is_stop = jnp.any(tok[:, None] == state["stop_ids"][None, :], axis=-1)
         keep = active & ~is_stop
@@ -107,7 +101,7 @@ class Engine:
         s["step"] = state["step"] + 1
         return s
 
-    def _chunk_fn(self, params, state, steps, *, sampling: Sampling):
+    def chunk(self, params, state, steps):
         cache_len = state["cache"][0].shape[2]
         end = state["step"] + steps
 
@@ -119,10 +113,34 @@ class Engine:
             feed_pos = jnp.minimum(s["pos"] + s["n"] - 1, cache_len - 1)
             logits, cache = self.model.apply({"params": params}, s["last"][:, None], feed_pos[:, None], s["cache"],
                                              method=Llama.decode)
-            s = dict(s, cache=tuple(self._constrain(c, CACHE_AXES) for c in cache))
-            return self._record(s, logits, sampling)
+            s = dict(s, cache=tuple(self.layout.constrain(c, CACHE_AXES) for c in cache))
+            return self.record(s, logits)
 
         return jax.lax.while_loop(cond, body, state)
+
+
+
+# Shapes and the sampling *kind* are static; the seed and the chunk length are traced, so changing
+# them reuses the compiled loop.
+@functools.partial(jax.jit, static_argnames=("prog", "cache_len", "max_new"))
+def _prefill(params, tokens, lengths, row_ids, live, stop_ids, seed, *, prog: _Program, cache_len: int,
+             max_new: int):
+    return prog.prefill(params, tokens, lengths, row_ids, live, stop_ids, seed, cache_len, max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("prog",), donate_argnums=(1,))
+def _chunk(params, state, steps, *, prog: _Program):
+    return prog.chunk(params, state, steps)
+
+
+class Engine:
+    """Generation for one model (params already placed on ``layout``'s mesh)."""
+
+    def __init__(self, params: dict, arch: Arch, layout: Layout = Layout(None), vocab_limit: int | None = None):
+        """``vocab_limit``: the tokenizer's size when the model's vocabulary is padded beyond it; ids at
+        or above it are never sampled (they would not decode)."""
+        self.params, self.arch, self.layout = params, arch, layout
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < arch.vocab_size else None
 
     # -- host API ---------------------------------------------------------------------------------
 
@@ -172,9 +190,9 @@ class Engine:
         live = np.arange(b) < n_rows
         stops = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
         put = functools.partial(jax.device_put, device=self._batch_sharding())
-        static = dataclasses.replace(sampling, seed=0)
-        state = self._prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
-                              np.int32(sampling.seed), sampling=static, cache_len=cache_len, max_new=max_new_tokens)
+        prog = _Program(self.arch, self.layout, self.vocab_limit, dataclasses.replace(sampling, seed=0))
+        state = _prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
+                         np.int32(sampling.seed), prog=prog, cache_len=cache_len, max_new=max_new_tokens)
         results = [Completion() for _ in range(n_rows)]
         while True:
             host = jax.device_get({k: state[k] for k in ("out", "logprobs", "n", "done", "stopped")})
@@ -193,7 +211,7 @@ class Engine:
                 state["stopped"] = state["stopped"] | put(forced)
             if bool(np.all(host["done"] | forced)):
                 return
-            state = self._chunk(self.params, state, np.int32(chunk), sampling=static)
+            state = _chunk(self.params, state, np.int32(chunk), prog=prog)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None, chunk: int | None = None,

@@ -21,6 +21,7 @@ from jaxllama.convert.common import Extras, ParamsSource
 from jaxllama.convert.hf import write_hf
 from jaxllama.data.sources import make_source
 from jaxllama.data.tokenizers import load_tokenizer
+from jaxllama.errors import ConfigError
 from jaxllama.infer.chat import chat_prompt, llama2_prompt, llama3_prompt, messages_for, render_jinja
 from jaxllama.model.llama import Arch, Llama
 
@@ -223,3 +224,25 @@ def test_bfloat16_and_no_tensorflow(hf_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(row["tokens"]) == 5 and all(lp <= 0 for lp in row["logprobs"])
+
+
+def test_llama3_chat_is_chosen_for_a_llama3_tokenizer(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["[UNK]"] + sorted(set(WORDS)))}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(specials)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                "eos_token": "<|end_of_text|>"}))
+    tok = load_tokenizer(str(tmp_path))
+    msgs = messages_for("hello world")
+    text = chat_prompt(msgs, tok)
+    assert text == llama3_prompt(msgs)
+    ids = tok.encode(text, bos=False, special=True)
+    assert ids[:3] == [vocab["<|begin_of_text|>"], vocab["<|start_header_id|>"], vocab["[UNK]"]]  # "user" unknown
+    assert ids.count(vocab["<|eot_id|>"]) == 1 and vocab["<|eot_id|>"] in tok.stop_ids
+    with pytest.raises(ConfigError, match="carry no chat template"):
+        chat_prompt(msgs, tok, "jinja")

@@ -62,6 +62,7 @@ def render_jinja(template: str, messages: Messages, tokenizer: Any) -> str:
     specials = {v: k for k, v in tokenizer.special_ids().items()}
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)  # Llama 3.1+
     env.filters.setdefault("tojson", lambda x, **kw: __import__("json").dumps(x, **kw))
     try:
         return env.from_string(template).render(

@@ -172,7 +172,7 @@ class Engine:
         if max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
         if chunk < 1:
-            raise ConfigError(f"chunk: must be >= 1, got {chunk}")
+            raise ConfigError(f"--chunk: must be >= 1, got {chunk}")
         self.check_prompts(prompts)
         n_rows = len(prompts)
         shards = self._batch_shards()

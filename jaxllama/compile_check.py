@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def cpu_arch(cfg: Config) -> tuple[Arch, list[str]]:
     return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention}), notes
 
 
-def abstract_inputs(cfg: Config, layout: Layout, abstract_state, state_sh) -> tuple:
+def abstract_inputs(cfg: Config, layout: Layout, abstract_state: Any, state_sh: Any) -> tuple[Any, dict]:
     """(state, batch) as ShapeDtypeStructs carrying their shardings: what ``lower`` needs, unallocated."""
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
     shape = (cfg.data.global_batch, cfg.data.seq_len)

@@ -33,11 +33,12 @@ PROMPT_BUCKET = 16  # prompt lengths and cache lengths round up to this, to reus
 @dataclass
 class Completion:
     """One generated row. ``finish_reason``: ``stop`` (a stop token or string), ``length``
-    (max-new-tokens or the model's context)."""
+    (max-new-tokens or the model's context); ``done``: the row will not grow any more."""
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"
+    done: bool = False
 
 
 def _round_up(n: int, k: int) -> int:
@@ -202,8 +203,9 @@ class Engine:
                 r.tokens = host["out"][i, :n].tolist()
                 r.logprobs = host["logprobs"][i, :n].tolist()
                 r.finish_reason = "stop" if host["stopped"][i] else "length"
-                if not host["done"][i] and force_stop is not None and force_stop(i, r.tokens):
-                    forced[i] = True
+                r.done = bool(host["done"][i])
+                if not r.done and force_stop is not None and force_stop(i, r.tokens):
+                    forced[i] = r.done = True
                     r.finish_reason = "stop"
             yield results
             if forced.any():

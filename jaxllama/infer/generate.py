@@ -127,9 +127,7 @@ def generate(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int = 256, 
     for final in loaded.engine.stream(rows, max_new_tokens, sampling, sorted(stop_ids), row_ids, chunk,
                                       stops.hit if stops.stops else None):
         if printer is not None:
-            printer.update(final, _done_rows(final, max_new_tokens, loaded, rows))
-    if printer is not None:
-        printer.update(final, [True] * len(final))
+            printer.update(final)
     records = []
     for i, c in enumerate(final):
         text, keep = stops.cut(c.tokens)
@@ -142,12 +140,6 @@ def generate(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int = 256, 
     return records
 
 
-def _done_rows(results: list[Completion], max_new: int, loaded: Loaded, rows: list[list[int]]) -> list[bool]:
-    """Rows that can grow no further (stopped, or at their token limit)."""
-    cap = loaded.engine.arch.max_position
-    return [c.finish_reason == "stop" or len(c.tokens) >= min(max_new, cap - len(p)) for c, p in zip(results, rows)]
-
-
 class _Printer:
     """Streams rows in order: the current row live; later rows catch up when it finishes."""
 
@@ -155,17 +147,17 @@ class _Printer:
         self.out, self.stops, self.headers, self.n = out, stops, headers, n
         self.row, self.shown, self.headed = 0, 0, False
 
-    def update(self, results: list[Completion], done: list[bool]) -> None:
+    def update(self, results: list[Completion]) -> None:
         while self.row < len(results):
             if not self.headed and self.headers:
                 self.headed = True
                 self.out(f"{'' if self.row == 0 else chr(10)}--- prompt {self.row // self.n + 1}, "
                          f"sample {self.row % self.n + 1}\n")
-            text = self.stops.printable(results[self.row].tokens, done[self.row])
+            text = self.stops.printable(results[self.row].tokens, results[self.row].done)
             if len(text) > self.shown:
                 self.out(text[self.shown:])
                 self.shown = len(text)
-            if not done[self.row]:
+            if not results[self.row].done:
                 return
             self.out("\n")
             self.row, self.shown, self.headed = self.row + 1, 0, False

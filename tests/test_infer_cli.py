@@ -23,6 +23,7 @@ from jaxllama.data.sources import make_source
 from jaxllama.data.tokenizers import load_tokenizer
 from jaxllama.errors import ConfigError
 from jaxllama.infer.chat import chat_prompt, llama2_prompt, llama3_prompt, messages_for, render_jinja
+from jaxllama.infer.sampling import Sampling
 from jaxllama.model.llama import Arch, Llama
 
 VOCAB = 300
@@ -246,3 +247,13 @@ def test_llama3_chat_is_chosen_for_a_llama3_tokenizer(tmp_path):
     assert ids.count(vocab["<|eot_id|>"]) == 1 and vocab["<|eot_id|>"] in tok.stop_ids
     with pytest.raises(ConfigError, match="carry no chat template"):
         chat_prompt(msgs, tok, "jinja")
+
+
+def test_text_streams_in_pieces(hf_dir):
+    from jaxllama.infer.generate import generate, load
+
+    loaded = load(str(hf_dir))
+    pieces = []
+    [row] = generate(loaded, ["hello world"], 12, Sampling(temperature=0), chunk=2, out=pieces.append)
+    assert "".join(pieces) == row["text"] + "\n"
+    assert len([p for p in pieces if p.strip()]) >= 3  # several updates, not one print at the end

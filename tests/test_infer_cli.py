@@ -257,3 +257,13 @@ def test_text_streams_in_pieces(hf_dir):
     [row] = generate(loaded, ["hello world"], 12, Sampling(temperature=0), chunk=2, out=pieces.append)
     assert "".join(pieces) == row["text"] + "\n"
     assert len([p for p in pieces if p.strip()]) >= 3  # several updates, not one print at the end
+
+
+def test_missing_tokenizer_and_binary_prompt_file(hf_dir, tmp_path, capsys):
+    assert main(["convert", str(hf_dir), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    (tmp_path / "meta" / "tokenizer.model").unlink()
+    assert main(["generate", str(tmp_path / "meta"), "--prompt", "hi"]) == 2
+    assert "no tokenizer found beside the model; pass --tokenizer" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not text\n")
+    assert main(["generate", str(hf_dir), "--prompt-file", str(tmp_path / "bad.txt")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err

@@ -158,3 +158,26 @@ def test_vocab_limit_masks_padded_ids(model):
     assert max(t for o in out for t in o.tokens) >= 40  # without the limit these ids do come up
     for s in (GREEDY, Sampling(temperature=2.0, seed=1)):
         assert max(t for g in engine.generate(prompts, NEW, s) for t in g.tokens) < 40
+
+
+def test_tied_llama3_rope_unscanned_matches_transformers():
+    """Tied embeddings, Llama 3.1 RoPE scaling and unrolled layers go through the cache path too."""
+    over = ["model.tie_embeddings=true", "model.rope_type=llama3", "model.rope_factor=8",
+            "model.rope_original_max_position=16", "model.rope_theta=500000", "model.n_heads=4", "model.n_kv_heads=1"]
+    a = arch_for(*over)
+    params = random_params(a, seed=3)
+    unrolled = arch_for(*over, "model.scan_layers=false")
+    flat = {k: v for k, v in params.items() if k != "layers"}
+    flat.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(a.n_layers)})
+    prompts = [[5, 9, 2, 77, 31, 8, 100, 3, 64, 12, 7, 1, 90, 45, 6, 23, 11, 2, 4, 19], [42, 17]]
+    got = Engine(flat, unrolled).generate(prompts, 24, GREEDY)
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(a))).eval()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_hf_tensors(params, a)}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    hf.load_state_dict(state)
+    for prompt, g in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert g.tokens == gen[0, len(prompt):].tolist()

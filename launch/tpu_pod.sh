@@ -8,8 +8,9 @@
 #    jax[tpu]); --no-install skips it (a rerun on the same VMs);
 # 3. starts the same command on every worker, one `gcloud compute tpus tpu-vm ssh --worker=i` each,
 #    so each worker's output lands in its own log (--logs DIR, default tpu-logs/NAME-<time>/worker-i.log)
-#    and its exit code is known. JAX finds the other workers itself (TPU metadata), so no
-#    coordinator variables are needed;
+#    and its exit code is known. Each gets JAX_COORDINATOR_ADDRESS (worker 0's internal IP),
+#    JAX_NUM_PROCESSES and JAX_PROCESS_ID (= its worker number), so `jaxllama train` starts
+#    jax.distributed (and with it the preemption sync that makes SIGTERM checkpoints agree);
 # 4. if one worker fails, sends SIGTERM to the command on every worker (`ssh --worker=all`): the
 #    others save a checkpoint and exit. Ctrl-C does the same. The script exits with the first failure.
 #
@@ -127,19 +128,29 @@ if (( install )); then
   (( dry )) || rm -f "$tarball"
 fi
 
-# 3. the same command on every worker, each with its own log
-remote_env=("PATH=\$HOME/.local/bin:\$PATH")
+# 3. the same command on every worker, each with its own log and its process id
+ip_cmd=(gcloud compute tpus tpu-vm describe "$tpu" "${where[@]}" --format='value(networkEndpoints[0].ipAddress)')
+if (( dry )); then
+  coordinator_ip=WORKER0_IP
+else
+  coordinator_ip=$("${ip_cmd[@]}") && [[ -n $coordinator_ip ]] || { say "cannot find worker 0's IP of $tpu"; exit 1; }
+fi
+coordinator=$coordinator_ip:${JAXLLAMA_COORDINATOR_PORT:-8476}
+remote_env=("PATH=\$HOME/.local/bin:\$PATH" "JAX_COORDINATOR_ADDRESS=$coordinator" "JAX_NUM_PROCESSES=$workers")
 [[ -n $libtpu ]] && remote_env+=("LIBTPU_INIT_ARGS=$(printf '%q' "$libtpu")")
 for e in "${envs[@]}"; do remote_env+=("${e%%=*}=$(printf '%q' "${e#*=}")"); done
 user_cmd=$(printf ' %q' "$@")
-remote="cd ~/jaxllama && echo \$\$ > ~/.jaxllama-train.pid && exec env ${remote_env[*]}$user_cmd"
+remote_for() {  # the command line worker $1 runs
+  echo "cd ~/jaxllama && echo \$\$ > ~/.jaxllama-train.pid && exec env ${remote_env[*]} JAX_PROCESS_ID=$1$user_cmd"
+}
 stop_remote='kill -TERM $(cat ~/.jaxllama-train.pid 2>/dev/null) 2>/dev/null || true'
 logs=${logs:-tpu-logs/$tpu-$(date +%Y%m%d-%H%M%S)}
 
 if (( dry )); then
+  echo "# WORKER0_IP below: the output of $(show "${ip_cmd[@]}" | cut -c3-)"
   echo "# logs: $logs/worker-<i>.log"
   for ((i = 0; i < workers; i++)); do
-    show gcloud compute tpus tpu-vm ssh "$tpu" --worker=$i "${where[@]}" --command "$remote"
+    show gcloud compute tpus tpu-vm ssh "$tpu" --worker=$i "${where[@]}" --command "$(remote_for $i)"
   done
   echo "# if a worker fails:"
   show gcloud compute tpus tpu-vm ssh "$tpu" --worker=all "${where[@]}" --command "$stop_remote"
@@ -149,7 +160,7 @@ fi
 mkdir -p "$logs"
 pids=()
 for ((i = 0; i < workers; i++)); do
-  gcloud compute tpus tpu-vm ssh "$tpu" --worker=$i "${where[@]}" --command "$remote" > "$logs/worker-$i.log" 2>&1 &
+  gcloud compute tpus tpu-vm ssh "$tpu" --worker=$i "${where[@]}" --command "$(remote_for $i)" > "$logs/worker-$i.log" 2>&1 &
   pids+=($!)
 done
 say "started on $workers worker(s); logs in $logs/worker-<i>.log (worker 0: tail -f $logs/worker-0.log)"

@@ -20,6 +20,7 @@ TRAIN = ["jaxllama", "train", "--config", "configs/llama3-8b.yaml", "run_dir=gs:
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 echo "$*" >> "$FAKE_TPU_DIR/gcloud.calls"
+if [[ "$1 $2 $3 $4" == "compute tpus tpu-vm describe" ]]; then echo 10.1.2.3; exit 0; fi
 [[ "$1 $2 $3 $4" == "compute tpus tpu-vm ssh" ]] || exit 0
 worker="" command=""
 while [[ $# -gt 0 ]]; do
@@ -65,10 +66,13 @@ def test_dry_run_prints_create_install_run_and_stop_for_a_v5p_64():
     assert "jax[tpu]>=0.10,<0.12" in option(install, "--command")  # the same range as pyproject.toml
     # v5p-64 = 32 chips = 8 hosts: one ssh per worker, each running exactly the user's command.
     assert [c[6] for c in runs] == [f"--worker={i}" for i in range(8)]
-    for c in runs:
+    for i, c in enumerate(runs):
         remote = shlex.split(option(c, "--command"))
         assert remote[-len(TRAIN):] == TRAIN and "WANDB_MODE=offline" in remote
         assert option(c, "--zone") == "us-east5-a"
+        # jax.distributed start-up: worker 0 coordinates, the process id is the worker number.
+        assert {"JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476", "JAX_NUM_PROCESSES=8", f"JAX_PROCESS_ID={i}"} <= set(remote)
+    assert "networkEndpoints[0].ipAddress" in p.stdout  # how WORKER0_IP is found
     assert "--worker=all" in stop and "kill -TERM" in option(stop, "--command")
 
 
@@ -113,10 +117,13 @@ def test_every_worker_runs_the_command_and_logs_it(fake_pod):
     tmp, env = fake_pod
     logs = tmp / "logs"
     p = sh("--tpu", "t", "--zone", "z", "--workers", "3", "--no-install", "--logs", str(logs),
-           "--env", "GREETING=hello there", "--", "bash", "-c", 'echo "$GREETING from $HOME in $PWD"', env=env)
+           "--env", "GREETING=hello there", "--", "bash", "-c",
+           'echo "$GREETING from $HOME in $PWD: $JAX_PROCESS_ID of $JAX_NUM_PROCESSES via $JAX_COORDINATOR_ADDRESS"',
+           env=env)
     assert p.returncode == 0, p.stderr
     for i in range(3):
-        assert (logs / f"worker-{i}.log").read_text().strip() == f"hello there from {tmp}/w{i} in {tmp}/w{i}/jaxllama"
+        assert (logs / f"worker-{i}.log").read_text().strip() == \
+            f"hello there from {tmp}/w{i} in {tmp}/w{i}/jaxllama: {i} of 3 via 10.1.2.3:8476"
 
 
 def test_one_failing_worker_stops_all_and_its_code_is_returned(fake_pod):

@@ -32,8 +32,8 @@ def hf_filter(logits, s: Sampling):
     return scores.numpy()
 
 
-@pytest.mark.parametrize("s", [Sampling(temperature=0.7, top_k=10), Sampling(temperature=1.3, top_p=0.8),
-                               Sampling(temperature=1.0, min_p=0.1), Sampling(temperature=0.9, top_k=20, top_p=0.9,
+@pytest.mark.parametrize("s", [Sampling(temperature=0.7, top_k=10, top_p=1.0), Sampling(temperature=1.3, top_p=0.8),
+                               Sampling(temperature=1.0, min_p=0.1, top_p=1.0), Sampling(temperature=0.9, top_k=20, top_p=0.9,
                                                                               min_p=0.05)],
                          ids=["top_k", "top_p", "min_p", "all"])
 def test_filters_match_transformers(logits, s):
@@ -56,7 +56,7 @@ def test_repetition_penalty_matches_transformers(logits):
 
 
 def test_draws_follow_the_filtered_distribution(logits):
-    s = Sampling(temperature=0.8, top_k=8, seed=1)
+    s = Sampling(temperature=0.8, top_k=8, top_p=1.0, seed=1)
     n = 4000
     row = np.repeat(logits[:1], n, axis=0)
     tokens, lps = jax.jit(lambda lg, ids: sample(lg, jnp.zeros((n, 1), bool), ids, jnp.int32(0), s))(
@@ -71,7 +71,7 @@ def test_draws_follow_the_filtered_distribution(logits):
 
 
 def test_seed_and_row_ids_decide_the_draw(logits):
-    s = Sampling(temperature=1.0)
+    s = Sampling(temperature=1.0, top_p=1.0)
     seen = jnp.zeros((4, 1), bool)
 
     def draw(seed, ids):

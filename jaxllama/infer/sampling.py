@@ -22,9 +22,9 @@ NEG_INF = -jnp.inf
 class Sampling:
     """How to pick each token. ``temperature == 0`` is greedy (argmax; other filters are moot)."""
 
-    temperature: float = 0.6
+    temperature: float = 0.6  # defaults: Meta's reference generation settings (also the CLI's)
     top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+    top_p: float = 0.9  # 1: off
     min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # 1: off; HF/CTRL style, over prompt and generated tokens
     seed: int = 0

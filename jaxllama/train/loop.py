@@ -122,7 +122,8 @@ class Progress:
 
 
 def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
-    return cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    """``checkpoint.dir``, else RUN_DIR/checkpoints; joined as text so a ``gs://`` run dir keeps its scheme."""
+    return cfg.checkpoint.dir or f"{str(cfg.run_dir or run_dir).rstrip('/')}/checkpoints"
 
 
 def refuse_existing(cfg: Config) -> None:

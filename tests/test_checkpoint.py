@@ -132,3 +132,14 @@ def test_bad_checkpoint_config_values():
         load_config(None, ["checkpoint.keep=0"])
     with pytest.raises(ConfigError, match="checkpoint.every: must be >= 0"):
         load_config(None, ["checkpoint.every=-1"])
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    meta = run / "checkpoints" / "6" / "train" / "metadata"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "process_count": 2}))  # as if two processes had written it
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
+        train(cfg_for(run, "train.steps=6"), out=lambda _: None)
+    assert (run / "checkpoints" / "6").is_dir()  # refused, not treated as damage

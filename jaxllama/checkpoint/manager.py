@@ -132,15 +132,21 @@ class TrainCheckpoints:
         return step, new_state, out[DATA]
 
     def _check_shapes(self, step: int, state: Any, model_cfg: Any) -> None:
-        """A config whose shapes differ from the checkpoint's is the user's error: name the fields."""
+        """A config whose shapes (or process count) differ from the checkpoint's is the user's error: name them."""
         step_dir = self.directory / str(step)
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 stored = ckptr.metadata(step_dir / PARAMS).item_metadata.tree
                 stored_opt = ckptr.metadata(step_dir / OPT_STATE).item_metadata.tree
             saved_model = ocp.JsonCheckpointHandler().restore(step_dir / MODEL)
+            saved_train = ocp.JsonCheckpointHandler().restore(step_dir / TRAIN)
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports the damage
             return
+        writers = saved_train.get("process_count", 1)
+        if writers != jax.process_count():
+            raise ConfigError(f"checkpoint {step_dir} was written by {writers} process(es), this run has "
+                              f"{jax.process_count()}: each process's data position is saved separately, so "
+                              f"resume with {writers} (or start a new run_dir)")
         fields = [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {getattr(model_cfg, k)!r}"
                   for k in SHAPE_FIELDS if k in saved_model and saved_model[k] != getattr(model_cfg, k)]
         advice = "; resume needs the same shapes (use a new run_dir, or --no-resume)"

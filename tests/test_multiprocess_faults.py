@@ -10,7 +10,7 @@ import pytest
 
 from jaxllama.errors import ConfigError
 from jaxllama.launch.local import free_port, launch, process_env
-from jaxllama.parallel.distributed import initialize_from_env
+from jaxllama.parallel.distributed import cluster_detected, initialize_from_env
 
 ARGS = ["model.preset=debug", "data.source=synthetic", "data.seq_len=32", "data.global_batch=8", "train.log_every=1",
         "train.tensorboard=false", "train.progress=false", "train.peak_flops=1e9", "mesh.data=2", "mesh.fsdp=4"]
@@ -69,9 +69,33 @@ def test_bad_distributed_environment(monkeypatch, env, message):
         initialize_from_env()
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, True),  # inside srun with 4 tasks
+    ({"SLURM_NTASKS": "4"}, False),  # the batch script itself, before srun
+    ({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    ({"JAXLLAMA_DISTRIBUTED": "auto"}, True),
+    ({"JAXLLAMA_DISTRIBUTED": "off", "OMPI_COMM_WORLD_SIZE": "2"}, False),
+])
+def test_cluster_detection(monkeypatch, env, expected):
+    for k in ("SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAXLLAMA_DISTRIBUTED"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cluster_detected() is expected
+
+
+def test_bad_distributed_mode(monkeypatch):
+    monkeypatch.setenv("JAXLLAMA_DISTRIBUTED", "yes")
+    with pytest.raises(ConfigError, match="JAXLLAMA_DISTRIBUTED='yes': expected auto or off"):
+        cluster_detected()
+
+
 def test_single_process_environment_is_a_no_op(monkeypatch):
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-              "TPU_WORKER_HOSTNAMES"):
+              "TPU_WORKER_HOSTNAMES", "JAXLLAMA_DISTRIBUTED"):
         monkeypatch.delenv(k, raising=False)
     assert initialize_from_env() is False
 

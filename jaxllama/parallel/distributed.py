@@ -4,7 +4,8 @@ One entry point, :func:`initialize_from_env`, called by ``jaxllama train`` befor
 device. It reads the standard variables (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID``, optional ``JAX_LOCAL_DEVICE_IDS``); without them it leaves the cluster to JAX's
 own detection (SLURM, Open MPI, Cloud TPU pods) when that environment shows more than one process,
-and otherwise does nothing (a single-process run). On CPU, cross-process collectives go through
+and otherwise does nothing (a single-process run); ``JAXLLAMA_DISTRIBUTED=auto|off`` forces or
+disables joining. On CPU, cross-process collectives go through
 gloo. A peer that does not arrive within ``timeout_s`` gives a :class:`RunError` naming the
 coordinator, not a hang; a peer that dies later is noticed by the coordination service's heartbeat
 (``heartbeat_s``), and the survivors exit non-zero.
@@ -23,6 +24,7 @@ from jaxllama.errors import ConfigError, RunError
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 ENV_TIMEOUT = "JAXLLAMA_DIST_TIMEOUT_S"  # overrides timeout_s (launchers may set it)
 ENV_HEARTBEAT = "JAXLLAMA_DIST_HEARTBEAT_S"
+ENV_MODE = "JAXLLAMA_DISTRIBUTED"  # auto: let JAX detect the cluster; off: never initialize
 
 
 def _int_env(name: str) -> int | None:
@@ -36,14 +38,23 @@ def _int_env(name: str) -> int | None:
 
 
 def cluster_detected() -> bool:
-    """True when a scheduler's environment (SLURM, Open MPI, TPU pod) describes several processes."""
+    """True when the environment describes several processes for JAX's own cluster detection.
+
+    SLURM (inside ``srun``: ``SLURM_STEP_ID``), Open MPI, or a TPU pod whose worker list has several
+    hosts. ``JAXLLAMA_DISTRIBUTED=auto`` forces detection (e.g. a TPU pod known only through its
+    metadata server); ``JAXLLAMA_DISTRIBUTED=off`` disables it.
+    """
     env = os.environ
+    mode = env.get(ENV_MODE, "").lower()
+    if mode in ("off", "auto"):
+        return mode == "auto"
+    if mode:
+        raise ConfigError(f"environment variable {ENV_MODE}={env[ENV_MODE]!r}: expected auto or off")
     if (_int_env("SLURM_NTASKS") or 1) > 1 and "SLURM_STEP_ID" in env:
         return True
     if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return True
-    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("CLOUD_TPU_TASK_ID") and env.get("TPU_WORKER_HOSTNAMES")
-    return bool(hosts and "," in hosts)
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def initialize_from_env(timeout_s: int = 300, heartbeat_s: int = 30) -> bool:
@@ -53,6 +64,8 @@ def initialize_from_env(timeout_s: int = 300, heartbeat_s: int = 30) -> bool:
     """
     if jax.distributed.is_initialized():
         return True
+    if os.environ.get(ENV_MODE, "").lower() == "off":
+        return False
     timeout_s = _int_env(ENV_TIMEOUT) or timeout_s
     heartbeat_s = _int_env(ENV_HEARTBEAT) or heartbeat_s
     address = os.environ.get(ENV_ADDRESS) or None

@@ -214,8 +214,11 @@ def _add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    import jax
+
     from jaxllama.infer.generate import generate, load, read_prompts
     from jaxllama.infer.sampling import Sampling
+    from jaxllama.parallel.distributed import initialize_from_env
 
     prompts = read_prompts(args.prompt, args.prompt_file)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -224,9 +227,11 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--n: must be >= 1, got {args.n}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
     loaded = load(args.model, args.tokenizer, args.mesh, args.dtype)
+    quiet = (lambda _: None) if jax.process_index() else None
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
-             system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk)
+             system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk, out=quiet)
     return 0
 
 
@@ -246,11 +251,18 @@ def _add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     import json
 
-    from jaxllama.infer.evaluate import evaluate
+    import jax
 
+    from jaxllama.infer.evaluate import evaluate
+    from jaxllama.parallel.distributed import initialize_from_env
+
+    initialize_from_env()
+    main_process = jax.process_index() == 0
     result = evaluate(args.model, args.data, args.tokenizer, args.mesh, args.dtype, args.seq_len, args.batch,
-                      args.max_batches, args.overrides, say=lambda line: print(line, file=sys.stderr))
-    print(json.dumps(result))
+                      args.max_batches, args.overrides,
+                      say=(lambda line: print(line, file=sys.stderr)) if main_process else (lambda _: None))
+    if main_process:
+        print(json.dumps(result))
     return 0
 
 

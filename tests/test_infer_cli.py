@@ -267,3 +267,34 @@ def test_missing_tokenizer_and_binary_prompt_file(hf_dir, tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not text\n")
     assert main(["generate", str(hf_dir), "--prompt-file", str(tmp_path / "bad.txt")]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_two_processes_generate_and_eval_like_one(hf_dir, tmp_path, capsys):
+    """2 processes x 4 CPU devices (jax.distributed + gloo) share one mesh; process 0 prints the same."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "p.txt").write_text("hello world\nthe lazy dog is\nquick brown\n")
+    gen = ["generate", str(hf_dir), "--prompt-file", str(tmp_path / "p.txt"), "--temperature", "1", "--seed", "3",
+           "--max-new-tokens", "8", "--n", "2", "--stop", "e", "--json", "--mesh", "data=4,tensor=2", "--chunk", "2"]
+    ev = ["eval", str(hf_dir), "--data", "synthetic", "--seq-len", "32", "--batch", "8", "--max-batches", "2",
+          "--mesh", "data=4,tensor=2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env["JAX_PLATFORMS"] = "cpu"
+    for argv in (gen, ev):
+        launch = [sys.executable, "-m", "jaxllama.launch.local", "2", "--devices-per-process", "4", "--",
+                  sys.executable, "-m", "jaxllama.cli", *argv]
+        r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        two = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        assert not [x for x in r.stdout.splitlines() if x.startswith("[process 1] {")]  # only process 0 prints
+        capsys.readouterr()
+        assert main(argv) == 0
+        one = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        if argv is ev:
+            assert two[0]["tokens"] == one[0]["tokens"]
+            assert two[0]["mean_nll"] == pytest.approx(one[0]["mean_nll"], abs=1e-5)
+        else:
+            assert len(two) == 6 and [t["tokens"] for t in two] == [o["tokens"] for o in one]
+            assert [t["text"] for t in two] == [o["text"] for o in one]

@@ -27,6 +27,7 @@ from jaxllama.model.llama import Arch, Llama
 from jaxllama.parallel.sharding import Layout
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+HOST_VIEW = ("out", "logprobs", "n", "done", "stopped")  # state the host reads after each chunk
 PROMPT_BUCKET = 16  # prompt lengths and cache lengths round up to this, to reuse compilations
 
 
@@ -100,6 +101,13 @@ class _Program:
         s["done"] = state["done"] | (active & is_stop) | (n >= state["limit"])
         s["last"] = jnp.where(keep, tok, state["last"])
         s["step"] = state["step"] + 1
+        return self.replicate_host_view(s)
+
+    def replicate_host_view(self, s: dict) -> dict:
+        """What the host reads each chunk is small: keep it replicated, so every process can read it."""
+        s = dict(s)
+        for k in HOST_VIEW:
+            s[k] = self.layout.constrain(s[k], (None,) * s[k].ndim)
         return s
 
     def chunk(self, params, state, steps):
@@ -117,7 +125,7 @@ class _Program:
             s = dict(s, cache=tuple(self.layout.constrain(c, CACHE_AXES) for c in cache))
             return self.record(s, logits)
 
-        return jax.lax.while_loop(cond, body, state)
+        return self.replicate_host_view(jax.lax.while_loop(cond, body, state))
 
 
 
@@ -190,13 +198,13 @@ class Engine:
                                                                                np.int32)
         live = np.arange(b) < n_rows
         stops = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
-        put = functools.partial(jax.device_put, device=self._batch_sharding())
+        put = functools.partial(_put, sharding=self._batch_sharding())
         prog = _Program(self.arch, self.layout, self.vocab_limit, dataclasses.replace(sampling, seed=0))
         state = _prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
                          np.int32(sampling.seed), prog=prog, cache_len=cache_len, max_new=max_new_tokens)
         results = [Completion() for _ in range(n_rows)]
         while True:
-            host = jax.device_get({k: state[k] for k in ("out", "logprobs", "n", "done", "stopped")})
+            host = jax.device_get({k: state[k] for k in HOST_VIEW})
             forced = np.zeros((b,), bool)
             for i, r in enumerate(results):
                 n = int(host["n"][i])
@@ -209,8 +217,9 @@ class Engine:
                     r.finish_reason = "stop"
             yield results
             if forced.any():
-                state["done"] = state["done"] | put(forced)
-                state["stopped"] = state["stopped"] | put(forced)
+                mark = _put(forced, None if self.layout.mesh is None else self.layout.replicated())
+                state["done"] = state["done"] | mark
+                state["stopped"] = state["stopped"] | mark
             if bool(np.all(host["done"] | forced)):
                 return
             state = _chunk(self.params, state, np.int32(chunk), prog=prog)
@@ -238,3 +247,10 @@ class Engine:
         if self.layout.mesh is None:
             return None
         return self.layout.sharding(("batch",))
+
+
+def _put(host: np.ndarray, sharding) -> jax.Array:
+    """A host array (the same on every process) onto ``sharding``; each process copies its own rows."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

@@ -65,6 +65,9 @@ def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list
             raise ConfigError(f"--mesh: tensor={tp} does not divide the model's {key}={getattr(a, key)}")
     if a.dim % sizes["fsdp"]:
         raise ConfigError(f"--mesh: fsdp={sizes['fsdp']} does not divide the model's dim={a.dim}")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
+                          f"devices, got {n}")
     grid = np.asarray(devices[:n], dtype=object).reshape(tuple(sizes[k] for k in AXES))
     mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     return Layout(mesh, rules_from_config(DEFAULT_RULES))
@@ -85,13 +88,22 @@ def param_shardings(a: Arch, layout: Layout) -> Any:
 
 
 def place_params(params: Any, a: Arch, layout: Layout) -> Any:
-    """Cast to ``a.param_dtype`` and put each leaf in its shards (one leaf at a time, no full copy)."""
+    """Cast to ``a.param_dtype`` and put each leaf in its shards, one leaf at a time.
+
+    Host arrays go through ``make_array_from_callback``: each process copies only the slices its own
+    devices hold, which also works when the mesh spans several processes.
+    """
     dtype = jnp.dtype(a.param_dtype)
     if layout.mesh is None:
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     shardings = param_shardings(a, layout)
-    try:
-        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype) if not isinstance(x, jax.Array)
-                                                        else x.astype(dtype), s), params, shardings)
-    except ValueError as e:
-        raise ConfigError(f"parameters do not match the model's shapes: {e}") from None
+    if jax.tree.structure(params) != jax.tree.structure(shardings):
+        raise ConfigError("parameters do not match the model's tree (a checkpoint of another architecture?)")
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x.astype(dtype), sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx].astype(dtype))
+
+    return jax.tree.map(put, params, shardings)

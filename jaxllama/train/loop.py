@@ -7,6 +7,7 @@ throughput. Only process 0 writes files and prints.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -18,6 +19,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from jaxllama.checkpoint.manager import TrainCheckpoints
+from jaxllama.checkpoint.params import as_path, complete_steps
+from jaxllama.checkpoint.preemption import PreemptionWatch
 from jaxllama.config import Config, save_config
 from jaxllama.errors import ConfigError, RunError
 from jaxllama.model.llama import Arch, Llama
@@ -25,7 +29,7 @@ from jaxllama.parallel.mesh import make_mesh
 from jaxllama.parallel.sharding import Layout, rules_from_config
 from jaxllama.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxllama.train.optimizer import make_optimizer
-from jaxllama.train.step import BATCH_KEYS, init_state, make_loss_fn, make_train_step
+from jaxllama.train.step import BATCH_KEYS, init_state, make_loss_fn, make_train_step, state_shardings
 
 
 @dataclass
@@ -40,21 +44,32 @@ class Trainer:
     state_shardings: Any
     step_fn: Callable  # jitted, donates the state
     schedule: Callable
+    tx: Any = None
 
     @classmethod
-    def build(cls, cfg: Config, devices: list | None = None) -> "Trainer":
+    def build(cls, cfg: Config, devices: list | None = None, init: bool = True) -> "Trainer":
+        """With ``init=False`` the state is abstract (shapes + shardings): a restore fills it without
+        first allocating a random copy, so resuming never needs twice the state's memory."""
         mesh = make_mesh(cfg, devices)
         layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
         arch = Arch.from_config(cfg.model)
         model = Llama(arch, layout)
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        state, shardings = init_state(model, tx, layout, cfg.train.seed)
+        if init:
+            state, shardings = init_state(model, tx, layout, cfg.train.seed)
+        else:
+            abstract, shardings = state_shardings(model, tx, layout)
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
         loss_fn = make_loss_fn(model, arch, cfg.data.seq_len, cfg.train.z_loss, cfg.train.loss_chunk)
         step = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout)
         batch_sh = {k: layout.batch_sharding() for k in BATCH_KEYS}
         step_fn = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, layout.replicated()),
                           donate_argnums=(0,))
-        return cls(cfg, arch, layout, model, state, shardings, step_fn, schedule)
+        return cls(cfg, arch, layout, model, state, shardings, step_fn, schedule, tx)
+
+    def initialize(self) -> None:
+        """Fresh parameters and optimizer state from ``train.seed``, created in their shards."""
+        self.state, _ = init_state(self.model, self.tx, self.layout, self.cfg.train.seed)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
@@ -128,8 +143,6 @@ def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
 
 def refuse_existing(cfg: Config) -> None:
     """``--no-resume``: a run dir that already holds checkpoints is an error, not something to overwrite."""
-    from jaxllama.checkpoint.params import as_path, complete_steps
-
     if cfg.run_dir is None or not cfg.checkpoint.enabled:
         return
     steps = complete_steps(as_path(checkpoint_dir(cfg, Path(cfg.run_dir))))
@@ -143,8 +156,6 @@ def trim_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    import json
-
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -158,14 +169,11 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
     Returns the summary (also printed as one line); ``summary["preempted"]`` is True when SIGTERM
     stopped the run after a final checkpoint.
     """
-    from jaxllama.checkpoint.manager import TrainCheckpoints
-    from jaxllama.checkpoint.preemption import PreemptionWatch
-
     is_main = jax.process_index() == 0
     say = out if is_main else (lambda _: None)
     if not resume:
         refuse_existing(cfg)
-    trainer = Trainer.build(cfg, devices)
+    trainer = Trainer.build(cfg, devices, init=False)  # state filled below: restored, or initialized
     run_dir = prepare_run_dir(cfg)
     if source is None:
         from jaxllama.data.sources import make_source
@@ -183,6 +191,8 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
         start, trainer.state, data_state = restored
         source.restore(data_state)
         say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
+    else:
+        trainer.initialize()
     if is_main:
         trim_metrics(run_dir, start)
     if start >= t.steps:

@@ -31,7 +31,7 @@ from jaxllama.config import load_config  # noqa: E402
 from jaxllama.infer.engine import Engine  # noqa: E402
 from jaxllama.infer.placement import inference_arch, inference_layout, param_shardings  # noqa: E402
 from jaxllama.infer.sampling import Sampling  # noqa: E402
-from jaxllama.model.llama import Arch, Llama  # noqa: E402
+from jaxllama.model.llama import Arch, Llama, stack_layers, unstack_layers  # noqa: E402
 
 # Peak HBM bandwidth (bytes/s) by device kind, for the bandwidth-bound figure.
 HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -114,12 +114,12 @@ def main() -> None:
         from jaxllama.convert import load_model
 
         loaded = load_model(args.model)
-        a = inference_arch(Arch.from_config(loaded.model_cfg), args.dtype)
+        a = inference_arch(Arch.from_config(loaded.model_cfg), args.dtype, scan_layers=False)
         layout = inference_layout(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1})
-        params = place_params(loaded.params, a, layout)
+        params = place_params(unstack_layers(loaded.params, a.n_layers), a, layout)
     else:
         m = load_config(None, [f"model.preset={args.preset}", "data.seq_len=8"]).model
-        a = inference_arch(Arch.from_config(m), args.dtype)
+        a = inference_arch(Arch.from_config(m), args.dtype, scan_layers=False)  # as `jaxllama generate` runs
         layout = inference_layout(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1})
         params = random_weights(a, layout)
     engine = Engine(params, a, layout)
@@ -134,7 +134,7 @@ def main() -> None:
 
         hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(a))).eval()
         state = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32)))
-                 for k, v in to_hf_tensors(params, a)}
+                 for k, v in to_hf_tensors(stack_layers(params, a.n_layers), a)}
         if a.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         hf.load_state_dict(state, strict=False)

@@ -63,8 +63,7 @@ class _Program:
     def prefill(self, params, tokens, lengths, row_ids, live, stop_ids, seed, cache_len: int, max_new: int):
         a = self.arch
         b = tokens.shape[0]
-        shape = (a.n_layers, b, cache_len, a.n_kv_heads, a.head_dim)
-        cache = tuple(self.layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), CACHE_AXES) for _ in range(2))
+        cache = self.empty_cache(b, cache_len)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache, lengths - 1,
                                          method=Llama.decode)
@@ -80,6 +79,22 @@ class _Program:
             stopped=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32), seed=seed)
         state["done"] = state["done"] | (state["limit"] <= 0)
         return self.record(state, logits)
+
+    def empty_cache(self, batch: int, cache_len: int) -> tuple:
+        """Zeros in the model's cache form: stacked (k, v) for scanned layers, else one (k, v) per layer."""
+        a = self.arch
+        per_layer = (batch, cache_len, a.n_kv_heads, a.head_dim)
+
+        def zeros(shape, names):
+            return self.layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), names)
+
+        if a.scan_layers:
+            return tuple(zeros((a.n_layers, *per_layer), CACHE_AXES) for _ in range(2))
+        return tuple(tuple(zeros(per_layer, CACHE_AXES[1:]) for _ in range(2)) for _ in range(a.n_layers))
+
+    def constrain_cache(self, cache: tuple) -> tuple:
+        names = CACHE_AXES if self.arch.scan_layers else CACHE_AXES[1:]
+        return jax.tree.map(lambda c: self.layout.constrain(c, names), cache)
 
     def record(self, state, logits):
         """Sample from ``logits`` and append the tokens of rows still running."""
@@ -111,7 +126,7 @@ class _Program:
         return s
 
     def chunk(self, params, state, steps):
-        cache_len = state["cache"][0].shape[2]
+        cache_len = jax.tree.leaves(state["cache"])[0].shape[-3]
         end = state["step"] + steps
 
         def cond(s):
@@ -122,7 +137,7 @@ class _Program:
             feed_pos = jnp.minimum(s["pos"] + s["n"] - 1, cache_len - 1)
             logits, cache = self.model.apply({"params": params}, s["last"][:, None], feed_pos[:, None], s["cache"],
                                              method=Llama.decode)
-            s = dict(s, cache=tuple(self.layout.constrain(c, CACHE_AXES) for c in cache))
+            s = dict(s, cache=self.constrain_cache(cache))
             return self.record(s, logits)
 
         return self.replicate_host_view(jax.lax.while_loop(cond, body, state))

@@ -20,7 +20,7 @@ from jaxllama.infer.chat import chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
 from jaxllama.infer.placement import inference_arch, inference_layout, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling
-from jaxllama.model.llama import Arch
+from jaxllama.model.llama import Arch, unstack_layers
 
 HOLD = "\ufffd"  # an incomplete UTF-8 sequence at the end of a partial decode: wait for more tokens
 
@@ -39,7 +39,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     from jaxllama.data.tokenizers import load_tokenizer
 
     loaded = load_model(model)
-    arch = inference_arch(Arch.from_config(loaded.model_cfg), dtype)
+    arch = inference_arch(Arch.from_config(loaded.model_cfg), dtype, scan_layers=False)
     tok_path = tokenizer or loaded.tokenizer_path
     if tok_path is None:
         raise ConfigError(f"{model}: no tokenizer found beside the model; pass --tokenizer PATH")
@@ -48,7 +48,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
         raise ConfigError(f"--tokenizer {tok_path}: {tok.vocab_size} tokens, but the model's vocabulary has "
                           f"{arch.vocab_size}")
     layout = inference_layout(arch, parse_mesh(mesh), devices)
-    params = place_params(loaded.params, arch, layout)
+    params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout)  # numpy views, no copy
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 
 

@@ -232,9 +232,11 @@ class Llama(nn.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
         return self._trunk(tokens, positions, segment_ids, None)[0]
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
-               last: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Forward with a KV cache ``(k, v)``, each [layers, batch, cache_len, kv_heads, head_dim].
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple,
+               last: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+        """Forward with a KV cache: with scanned layers ``(k, v)``, each [layers, batch, cache_len,
+        kv_heads, head_dim]; with unrolled layers one ``(k, v)`` per layer, each [batch, cache_len,
+        kv_heads, head_dim] (separate buffers, so a decode loop updates each in place).
 
         ``tokens``/``positions`` [batch, len]: a prefill (len > 1, positions 0..len-1) or one decode
         step (len 1, each row at its own position). Returns float32 logits [batch, vocab] at index
@@ -256,11 +258,9 @@ class Llama(nn.Module):
         else:
             new = []
             for i, layer in enumerate(self.layers):
-                x, c = layer(x, cos, sin, segment_ids, None if cache is None else (cache[0][i], cache[1][i]),
-                             positions)
+                x, c = layer(x, cos, sin, segment_ids, None if cache is None else cache[i], positions)
                 new.append(c)
-            if cache is not None:
-                cache = (jnp.stack([c[0] for c in new]), jnp.stack([c[1] for c in new]))
+            cache = None if cache is None else tuple(new)
         return self.norm(x), cache
 
     def head(self, x: jax.Array) -> jax.Array:

@@ -143,3 +143,9 @@ def test_resume_with_another_process_count_is_refused(tmp_path, finished_run):
     with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
         train(cfg_for(run, "train.steps=6"), out=lambda _: None)
     assert (run / "checkpoints" / "6").is_dir()  # refused, not treated as damage
+
+
+def test_save_blocking_time_is_logged(finished_run):
+    rows = [json.loads(x) for x in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    blocked = {r["step"]: r["checkpoint_block_s"] for r in rows if "checkpoint_block_s" in r}
+    assert sorted(blocked) == [2, 4, 6] and all(0 < v < 60 for v in blocked.values())

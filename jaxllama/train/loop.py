@@ -183,6 +183,7 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
 
     evaluator = Evaluator(cfg, trainer) if wants_eval(cfg) else None
     eval_result: dict = {}
+    extra: dict = {}  # one-off figures (checkpoint blocking time) for the next metrics record
     a, d, t, c = trainer.arch, cfg.data, cfg.train, cfg.checkpoint
     ckpts = TrainCheckpoints(checkpoint_dir(cfg, run_dir), c, say) if c.enabled else None
     start = 0
@@ -230,6 +231,7 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                 preempted = watch.reached(done)
                 if ckpts and (preempted or done == t.steps or (c.every and done % c.every == 0)):
                     blocked = ckpts.save(done, trainer.state, cfg, getattr(source, "state", dict)())
+                    extra["checkpoint_block_s"] = blocked  # logged with the next record
                     say(f"checkpoint at step {done}: the save blocked training for {1000 * blocked:.0f} ms"
                         f"{' (written in the background)' if c.async_save else ''}")
                 if evaluator and evaluator.due(done):
@@ -258,8 +260,8 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                     step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
                 if hasattr(source, "efficiency"):
                     record["packing_efficiency"] = source.efficiency
-                record.update(eval_result)
-                eval_result = {}
+                record.update(eval_result, **extra)
+                eval_result, extra = {}, {}
                 writer.write(record)
                 progress.update(record, len(fetched))
                 history.append(record)

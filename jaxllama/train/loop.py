@@ -279,8 +279,9 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
     summary.update(preempted=preempted, resumed_from=start,
                    checkpoint_block_s=ckpts.block_times if ckpts else [])
     if preempted:
-        summary["line"] = (f"preempted (SIGTERM) at step {history[-1]['step']}: checkpoint saved and complete; "
-                           f"run the same command to resume; run dir {run_dir}")
+        saved = ("checkpoint saved and complete; run the same command to resume" if ckpts
+                 else "nothing saved (checkpoint.enabled=false)")
+        summary["line"] = f"preempted (SIGTERM) at step {history[-1]['step']}: {saved}; run dir {run_dir}"
     say(summary["line"])
     return summary
 

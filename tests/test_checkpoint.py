@@ -89,6 +89,8 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path, finished_run):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, source=src, out=lambda _: None)
     assert sorted(losses(run)) == [1, 2, 3]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 4.1')  # a record cut short by the kill
     lines = []
     summary = train(cfg_for(run, "train.steps=6", "checkpoint.every=2"), out=lines.append)
     assert summary["resumed_from"] == 2 and any("resumed from the checkpoint at step 2" in x for x in lines)

@@ -152,11 +152,21 @@ def refuse_existing(cfg: Config) -> None:
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics logged after ``step`` (they are re-logged by the resumed run); temp file + rename."""
+    """Drop metrics logged after ``step`` (they are re-logged by the resumed run); temp file + rename.
+
+    A line cut short by a kill mid-write is dropped too.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    kept = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

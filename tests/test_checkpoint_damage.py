@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllama.checkpoint import load_params
 from jaxllama.checkpoint.manager import TrainCheckpoints
 from jaxllama.data.synthetic import SyntheticSource
 from jaxllama.train.loop import Trainer, train
@@ -20,13 +21,16 @@ def finished_run(tmp_path_factory):
     return run
 
 
-def test_truncated_file_falls_back_to_previous_step(tmp_path, finished_run):
+def test_truncated_file_falls_back_to_previous_step(tmp_path, finished_run, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     victim = max((p for p in (run / "checkpoints" / "6" / "params").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
+    params, _ = load_params(str(run))  # the params-only reader falls back the same way
+    assert "is damaged or incomplete" in capsys.readouterr().out
+    assert arrays_equal(params, load_params(str(finished_run / "checkpoints" / "4"))[0])
     lines = []
     summary = train(cfg_for(run, "train.steps=6", "checkpoint.every=2"), out=lines.append)
     text = "\n".join(lines)

@@ -135,9 +135,8 @@ class TrainCheckpoints:
         """A config whose shapes (or process count) differ from the checkpoint's is the user's error: name them."""
         step_dir = self.directory / str(step)
         try:
-            with ocp.StandardCheckpointer() as ckptr:
-                stored = ckptr.metadata(step_dir / PARAMS).item_metadata.tree
-                stored_opt = ckptr.metadata(step_dir / OPT_STATE).item_metadata.tree
+            meta = self.mngr.item_metadata(step)
+            stored, stored_opt = meta[PARAMS].tree, meta[OPT_STATE].tree
             saved_model = ocp.JsonCheckpointHandler().restore(step_dir / MODEL)
             saved_train = ocp.JsonCheckpointHandler().restore(step_dir / TRAIN)
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports the damage

@@ -89,22 +89,25 @@ def resolve_params_dirs(path: str) -> list[epath.Path]:
                       f"a training checkpoint step, or a run dir with complete checkpoints under '{CHECKPOINTS}/')")
 
 
-def read_model_config(step_dir: epath.Path) -> ModelConfig:
-    tree = ocp.JsonCheckpointHandler().restore(step_dir / MODEL)
-    return model_config_from_dict(tree, str(step_dir / MODEL))
+def _reader() -> ocp.Checkpointer:
+    """A checkpointer that knows every item we write, so reading some of them raises no Orbax warnings."""
+    from jaxllama.checkpoint.handlers import PerProcessJsonHandler
+
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+        PARAMS: ocp.StandardCheckpointHandler(), MODEL: ocp.JsonCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(), "train": ocp.JsonCheckpointHandler(),
+        "data": PerProcessJsonHandler()}))
 
 
-def abstract_from_metadata(item_dir: epath.Path, shardings: Any = None, dtype: Any = None) -> Any:
-    """ShapeDtypeStructs for the arrays stored in ``item_dir``, placed per ``shardings`` (default: one device)."""
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(item_dir).item_metadata.tree
+def abstract_params(meta: Any, where: str, shardings: Any = None, dtype: Any = None) -> Any:
+    """ShapeDtypeStructs for the stored arrays ``meta``, placed per ``shardings`` (default: one device)."""
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if shardings is None:
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=default), meta)
     try:
         return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), meta, shardings)
     except ValueError as e:
-        raise ConfigError(f"{item_dir}: the given shardings do not match the stored parameter tree ({e})") from None
+        raise ConfigError(f"{where}: the given shardings do not match the stored parameter tree ({e})") from None
 
 
 def check_shapes(stored: Any, expected: Any, where: str) -> None:
@@ -124,10 +127,14 @@ def check_shapes(stored: Any, expected: Any, where: str) -> None:
         raise ConfigError(f"{where}: shapes differ from the config: {'; '.join(diffs)}")
 
 
-def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = None) -> Any:
-    abstract = abstract_from_metadata(step_dir / PARAMS, shardings, dtype)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(step_dir / PARAMS, abstract)
+def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = None) -> tuple[Any, ModelConfig]:
+    """The ``params`` and ``model`` items of one directory (any other items are left unread)."""
+    with _reader() as ckptr:
+        meta = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
+        target = abstract_params(meta, str(step_dir), shardings, dtype)
+        out = ckptr.restore(step_dir, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(target), MODEL: ocp.args.JsonRestore()}))
+    return out[PARAMS], model_config_from_dict(out[MODEL], str(step_dir / MODEL))
 
 
 def first_readable(candidates: list[epath.Path], read: Callable[[epath.Path], Any],
@@ -157,9 +164,5 @@ def load_params(path: str, shardings: Any = None, dtype: Any = None) -> tuple[An
     if dtype is not None:
         dtype = np.dtype(dtype)
 
-    def read(d: epath.Path) -> tuple[Any, ModelConfig]:
-        model_cfg = read_model_config(d)
-        return restore_params(d, shardings, dtype), model_cfg
-
-    _, (params, model_cfg) = first_readable(resolve_params_dirs(path), read)
+    _, (params, model_cfg) = first_readable(resolve_params_dirs(path), lambda d: restore_params(d, shardings, dtype))
     return params, model_cfg

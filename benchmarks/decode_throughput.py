@@ -98,7 +98,17 @@ def _timed(fn) -> float:
 
 
 def rates(batch: int, prompt_len: int, new: int, t1: float, tn: float) -> dict:
-    return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new - 1) / max(tn - t1, 1e-9)}
+    """Decode is None when the N-token run was not measurably slower (raise --new-tokens)."""
+    decode = batch * (new - 1) / (tn - t1) if tn > t1 else None
+    return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode}
+
+
+def _round(d: dict) -> dict:
+    return {k: None if v is None else round(v, 1) for k, v in d.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a / b, 2)
 
 
 def main() -> None:
@@ -154,7 +164,7 @@ def main() -> None:
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = rng.integers(3, a.vocab_size, size=(b, args.prompt_len)).tolist()
         ours = rates(b, args.prompt_len, args.new_tokens, *time_jax(engine, prompts, args.new_tokens, args.repeats))
-        record[f"jaxllama_b{b}"] = {k: round(v, 1) for k, v in ours.items()}
+        record[f"jaxllama_b{b}"] = _round(ours)
         if hf is not None:
             # PyTorch's thread pool can lose badly on small ops when cores are shared: give transformers
             # its best of 1 thread and all threads, per figure.
@@ -165,13 +175,13 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 tries.append(rates(b, args.prompt_len, args.new_tokens,
                                    *time_hf(hf, prompts, args.new_tokens, args.repeats)))
-            theirs = {k: max(t[k] for t in tries) for k in tries[0]}
-            record[f"hf_b{b}"] = {k: round(v, 1) for k, v in theirs.items()}
-            record[f"decode_ratio_b{b}"] = round(ours["decode_tok_s"] / theirs["decode_tok_s"], 2)
-            record[f"prefill_ratio_b{b}"] = round(ours["prefill_tok_s"] / theirs["prefill_tok_s"], 2)
+            theirs = {k: max((t[k] for t in tries if t[k] is not None), default=None) for k in tries[0]}
+            record[f"hf_b{b}"] = _round(theirs)
+            record[f"decode_ratio_b{b}"] = _ratio(ours["decode_tok_s"], theirs["decode_tok_s"])
+            record[f"prefill_ratio_b{b}"] = _ratio(ours["prefill_tok_s"], theirs["prefill_tok_s"])
         if b == 1 and device.platform != "cpu":
             peak = next((v for k, v in HBM.items() if k in device.device_kind), None)
-            if peak:
+            if peak and ours["decode_tok_s"] is not None:
                 record["bandwidth_fraction_b1"] = round(ours["decode_tok_s"] * weight_bytes / layout.mesh.size
                                                         / peak, 3)
     print(json.dumps(record))

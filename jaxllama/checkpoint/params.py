@@ -99,7 +99,7 @@ def _reader() -> ocp.Checkpointer:
         "data": PerProcessJsonHandler()}))
 
 
-def abstract_params(meta: Any, where: str, shardings: Any = None, dtype: Any = None) -> Any:
+def params_target(meta: Any, where: str, shardings: Any = None, dtype: Any = None) -> Any:
     """ShapeDtypeStructs for the stored arrays ``meta``, placed per ``shardings`` (default: one device)."""
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if shardings is None:
@@ -131,7 +131,7 @@ def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = Non
     """The ``params`` and ``model`` items of one directory (any other items are left unread)."""
     with _reader() as ckptr:
         meta = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
-        target = abstract_params(meta, str(step_dir), shardings, dtype)
+        target = params_target(meta, str(step_dir), shardings, dtype)
         out = ckptr.restore(step_dir, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardRestore(target), MODEL: ocp.args.JsonRestore()}))
     return out[PARAMS], model_config_from_dict(out[MODEL], str(step_dir / MODEL))

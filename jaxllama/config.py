@@ -92,7 +92,7 @@ class DataConfig:
     (optionally ``files:GLOB``) of text, JSONL or TFRecord files.
     """
 
-    source: str = "synthetic"
+    source: str = "stdlib"
     seq_len: int = 128
     global_batch: int = 16
     tokenizer: str | None = None  # a tokenizer file/folder; None with stdlib: train one and cache it
@@ -109,6 +109,7 @@ class DataConfig:
     eval_split: str = "validation"  # TFDS split read for eval when eval_source is a tfds: source
     eval_fraction: float = 0.0  # else hold out this fraction of the training source's documents
     prefetch: int = 4  # batches prepared ahead in a background thread
+    skip_bad_records: bool = False  # skip (and count) empty files, invalid UTF-8, bad JSONL/TFRecord records
 
 
 @dataclass
@@ -431,10 +432,22 @@ def validate_mesh(cfg: Config, n_devices: int) -> dict[str, int]:
     if d.global_batch % (batch_shards * t.grad_accum):
         raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by mesh data x fsdp = {batch_shards}"
                           + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""))
-    tp = sizes["tensor"]
-    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
-        if getattr(m, key) % tp:
-            raise ConfigError(f"model.{key}={getattr(m, key)} is not divisible by mesh.tensor={tp}")
-    if m.dim % sizes["fsdp"]:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by mesh.fsdp={sizes['fsdp']}")
+    bad = indivisible_dim(m, sizes)
+    if bad:
+        key, size, axis, n = bad
+        raise ConfigError(f"model.{key}={size} is not divisible by mesh.{axis}={n}")
     return sizes
+
+
+def indivisible_dim(shapes: Any, sizes: dict[str, int]) -> tuple[str, int, str, int] | None:
+    """The first model dimension the mesh cannot split evenly, as (field, size, mesh axis, axis size).
+
+    ``shapes`` is anything with the ModelConfig shape fields (a ModelConfig or the model's Arch).
+    Heads, the MLP and the vocabulary split over ``tensor``; the embedding dimension over ``fsdp``.
+    """
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        if getattr(shapes, key) % sizes["tensor"]:
+            return key, getattr(shapes, key), "tensor", sizes["tensor"]
+    if shapes.dim % sizes["fsdp"]:
+        return "dim", shapes.dim, "fsdp", sizes["fsdp"]
+    return None

@@ -1,10 +1,13 @@
 """8 simulated CPU devices for every test, set before JAX is imported; shared small fixtures."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The stdlib demo tokenizer is trained on first use and cached: tests cache it per session, not in ~/.cache.
+os.environ.setdefault("JAXLLAMA_CACHE", tempfile.mkdtemp(prefix="jaxllama-test-cache-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +25,7 @@ def make_cfg():
     from jaxllama.config import load_config
 
     def make(*overrides: str):
-        return load_config(None, ["model.preset=debug", "data.seq_len=32", "data.global_batch=8", *overrides])
+        return load_config(None, ["model.preset=debug", "data.source=synthetic", "data.seq_len=32",
+                                  "data.global_batch=8", *overrides])
 
     return make

@@ -43,7 +43,7 @@ def test_debug_shows_the_traceback():
 
 
 def test_runtime_errors_exit_1(monkeypatch, capsys):
-    def boom(cfg):
+    def boom(cfg, **kwargs):
         raise RunError("loss was not finite for 5 steps in a row")
 
     monkeypatch.setattr("jaxllama.train.loop.train", boom)

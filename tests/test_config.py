@@ -9,7 +9,7 @@ from jaxllama.errors import ConfigError
 
 def test_defaults_are_the_tiny_demo():
     cfg = load_config()
-    assert cfg.model.preset == "tiny" and cfg.data.source == "synthetic"
+    assert cfg.model.preset == "tiny" and cfg.data.source == "stdlib"
     assert cfg.model.dim == 256 and cfg.model.head_dim == 32  # resolved from the preset
 
 

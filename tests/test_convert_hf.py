@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import random_params
+from helpers import ARCH_CASES, random_params
 from jaxllama.cli import main
 from jaxllama.config import load_config
 from jaxllama.convert import convert, load_model
@@ -17,15 +17,6 @@ from jaxllama.convert.hf import HFSource, write_hf
 from jaxllama.convert.safetensors_io import SafetensorsFile
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, Llama
-
-CASES = {
-    "mha": ["model.n_heads=4", "model.n_kv_heads=4"],
-    "gqa": ["model.n_heads=8", "model.n_kv_heads=2", "model.head_dim=16"],
-    "tied": ["model.tie_embeddings=true"],
-    "llama3_rope": ["model.rope_type=llama3", "model.rope_factor=8", "model.rope_low_freq_factor=1",
-                    "model.rope_high_freq_factor=4", "model.rope_original_max_position=64",
-                    "model.rope_theta=500000"],
-}
 
 
 def model_cfg(*overrides):
@@ -51,9 +42,9 @@ def all_tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ARCH_CASES)
 def test_transformers_loads_our_output_and_logits_match(tmp_path, case):
-    params, m = write_random_hf(tmp_path / "hf", CASES[case], seed=len(case))
+    params, m = write_random_hf(tmp_path / "hf", ARCH_CASES[case], seed=len(case))
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # small shard size: several files
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
@@ -84,13 +75,13 @@ def _rewrite_config(folder, style):
 
 @pytest.mark.parametrize("style", ["4.x", "5.x"])
 def test_reads_both_config_styles(tmp_path, style):
-    _, m = write_random_hf(tmp_path / "hf", CASES["llama3_rope"], shard_size=10**9)
+    _, m = write_random_hf(tmp_path / "hf", ARCH_CASES["llama3_rope"], shard_size=10**9)
     _rewrite_config(tmp_path / "hf", style)
     assert HFSource(tmp_path / "hf").model_cfg == m
 
 
 def test_round_trip_through_jaxllama_is_identical_via_cli(tmp_path):
-    write_random_hf(tmp_path / "hf", CASES["gqa"], extras=Extras(bos_token_id=1, eos_token_id=2))
+    write_random_hf(tmp_path / "hf", ARCH_CASES["gqa"], extras=Extras(bos_token_id=1, eos_token_id=2))
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"bos_token_id": 1,
                                                                                     "eos_token_id": 2}
     (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
@@ -108,7 +99,7 @@ def test_round_trip_through_jaxllama_is_identical_via_cli(tmp_path):
 
 
 def test_bin_weights_and_bfloat16_output(tmp_path):
-    params, m = write_random_hf(tmp_path / "hf", CASES["tied"], shard_size=10**9)
+    params, m = write_random_hf(tmp_path / "hf", ARCH_CASES["tied"], shard_size=10**9)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     binf = tmp_path / "bin"
     binf.mkdir()

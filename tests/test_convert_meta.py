@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_params
+from helpers import flat_arrays, random_params
 from jaxllama.cli import main
 from jaxllama.config import load_config
 from jaxllama.convert import load_model
@@ -82,20 +82,12 @@ def test_import_merges_shards_along_each_weights_axis(tmp_path, spec, n_shards):
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
                 "rope_type", "rope_factor", "tie_embeddings"):
         assert getattr(got, key) == getattr(m, key), key
-    flat_a = dict(_flat(params))
-    flat_b = dict(_flat(loaded.params))
+    flat_a = flat_arrays(params)
+    flat_b = flat_arrays(loaded.params)
     assert flat_a.keys() == flat_b.keys()
     for k in flat_a:
         np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
     assert loaded.tokenizer_path == str(tmp_path / "meta")
-
-
-def _flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}/")
-        else:
-            yield prefix + k, np.asarray(v)
 
 
 @pytest.mark.parametrize("spec", [LLAMA2, LLAMA3], ids=["llama2", "llama3"])
@@ -116,8 +108,8 @@ def test_round_trip_meta_jaxllama_meta_with_chosen_shard_count(tmp_path, spec):
     assert (tmp_path / "meta2" / "tokenizer.model").read_bytes() == b"spm model bytes"
     # a different shard count re-splits; the merged model is the same
     assert main(["convert", str(tmp_path / "meta2"), str(tmp_path / "meta4"), "--to", "meta", "--shards", "1"]) == 0
-    one = dict(_flat(load_model(str(tmp_path / "meta4")).params))
-    two = dict(_flat(load_model(str(tmp_path / "meta")).params))
+    one = flat_arrays(load_model(str(tmp_path / "meta4")).params)
+    two = flat_arrays(load_model(str(tmp_path / "meta")).params)
     for k in one:
         np.testing.assert_array_equal(one[k], two[k], err_msg=k)
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from helpers import random_params
+from helpers import flat_arrays, random_params
 from jaxllama.config import load_config
 from jaxllama.convert import convert, load_model
 from jaxllama.convert.common import ParamsSource
@@ -33,14 +33,6 @@ def origin(tmp_path_factory):
     return d, params, m, paths
 
 
-def flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from flat(v, f"{prefix}{k}/")
-        else:
-            yield prefix + k, np.asarray(v)
-
-
 @pytest.mark.parametrize("x,y", list(itertools.permutations(WRITERS, 2)))
 def test_round_trip_through_another_format_is_lossless(origin, x, y):
     d, params, m, paths = origin
@@ -51,7 +43,7 @@ def test_round_trip_through_another_format_is_lossless(origin, x, y):
     loaded = load_model(str(back))
     assert loaded.model_cfg == m
     assert loaded.tokenizer_path is None  # the origin has no tokenizer, and none is invented
-    a, b = dict(flat(params)), dict(flat(loaded.params))
+    a, b = flat_arrays(params), flat_arrays(loaded.params)
     assert a.keys() == b.keys()
     for k in a:
         assert b[k].dtype == np.float32, k

@@ -29,7 +29,8 @@ def _reference_nll(model, params, batches):
 
 
 def test_eval_matches_a_direct_log_softmax():
-    cfg = load_config(None, ["model.preset=debug", "data.seq_len=32", "data.global_batch=4",
+    cfg = load_config(None, ["data.source=synthetic",
+                             "model.preset=debug", "data.seq_len=32", "data.global_batch=4",
                              "data.eval_source=synthetic", "train.eval_batches=3"])
     a = Arch.from_config(cfg.model)
     model = Llama(a)
@@ -48,7 +49,8 @@ def test_eval_matches_a_direct_log_softmax():
 
 
 def test_training_logs_eval_loss(tmp_path):
-    cfg = load_config(None, ["model.preset=debug", "data.seq_len=32", "data.global_batch=8", "train.steps=6",
+    cfg = load_config(None, ["data.source=synthetic",
+                             "model.preset=debug", "data.seq_len=32", "data.global_batch=8", "train.steps=6",
                              "train.log_every=2", "train.eval_every=3", "data.eval_source=synthetic",
                              "train.eval_batches=2", f"run_dir={tmp_path}", "checkpoint.enabled=false"])
     train(cfg, out=lambda _: None)

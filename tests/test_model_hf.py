@@ -11,18 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import arch_for, random_params
+from helpers import ARCH_CASES, arch_for, random_params
 from jaxllama.convert.hf_names import hf_config_dict, to_hf_tensors
 from jaxllama.model.llama import Llama
-
-CASES = {
-    "mha": ["model.n_heads=4", "model.n_kv_heads=4"],
-    "gqa": ["model.n_heads=8", "model.n_kv_heads=2", "model.head_dim=16"],
-    "tied": ["model.tie_embeddings=true"],
-    "llama3_rope": ["model.rope_type=llama3", "model.rope_factor=8", "model.rope_low_freq_factor=1",
-                    "model.rope_high_freq_factor=4", "model.rope_original_max_position=64",
-                    "model.rope_theta=500000"],
-}
 
 
 def hf_model(a, params):
@@ -35,9 +26,9 @@ def hf_model(a, params):
     return model
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ARCH_CASES)
 def test_logits_match_transformers(case):
-    a = arch_for(*CASES[case])
+    a = arch_for(*ARCH_CASES[case])
     params = random_params(a, seed=len(case))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, a.vocab_size, size=(2, 24))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from helpers import packed_segments
 from jaxllama.data.packing import Packer
 
 
@@ -22,13 +23,9 @@ def _drain(p: Packer, rows: int = 4) -> list[dict]:
 def _segments(batches):
     """(tokens, targets, positions) of every segment in every row, in order."""
     segs = []
-    for b in batches:
-        for r in range(b["tokens"].shape[0]):
-            seg = b["segment_ids"][r]
-            for s in range(1, int(seg.max(initial=0)) + 1):
-                m = seg == s
-                assert np.all(np.diff(np.nonzero(m)[0]) == 1), "a segment must be contiguous"
-                segs.append((b["tokens"][r][m], b["targets"][r][m], b["positions"][r][m]))
+    for row, m in packed_segments(batches):
+        assert np.all(np.diff(np.nonzero(m)[0]) == 1), "a segment must be contiguous"
+        segs.append((row["tokens"][m], row["targets"][m], row["positions"][m]))
     return segs
 
 

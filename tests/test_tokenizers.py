@@ -409,7 +409,7 @@ def test_cli_train_jsonl(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["train", "--input", "/nonexistent/*.txt", "--vocab-size", "500", "--output", "X"], "no files match"),
-    (["train", "--input", "EMPTY", "--vocab-size", "500", "--output", "X"], "the input has no text"),
+    (["train", "--input", "EMPTY", "--vocab-size", "500", "--output", "X"], "empty.txt: empty file"),
     (["train", "--input", "SMALL", "--vocab-size", "50000", "--output", "X"], "--vocab-size 50000 is too large"),
     (["train", "--input", "JSONL", "--vocab-size", "500", "--output", "X"], ":1: no key 'text'"),
     (["train", "--input", "SMALL", "--vocab-size", "lots", "--output", "X"], "--vocab-size"),

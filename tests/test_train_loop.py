@@ -15,7 +15,8 @@ FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s
 
 
 def test_tiny_loss_falls_in_30_steps(tmp_path):
-    cfg = load_config(None, ["model.preset=tiny", "train.steps=30", "train.log_every=5", "data.seq_len=64",
+    cfg = load_config(None, ["data.source=synthetic",
+                             "model.preset=tiny", "train.steps=30", "train.log_every=5", "data.seq_len=64",
                              "data.global_batch=16", "optim.warmup_steps=5", "mesh.data=2", "mesh.fsdp=4",
                              f"run_dir={tmp_path / 'run'}"])
     lines = []
@@ -43,7 +44,8 @@ class PoisonedSource(SyntheticSource):
 
 
 def test_nonfinite_losses_stop_the_run(tmp_path):
-    cfg = load_config(None, ["model.preset=debug", "train.steps=20", "train.log_every=1", "data.seq_len=32",
+    cfg = load_config(None, ["data.source=synthetic",
+                             "model.preset=debug", "train.steps=20", "train.log_every=1", "data.seq_len=32",
                              "data.global_batch=8", "train.max_nonfinite=3", f"run_dir={tmp_path}"])
     with pytest.raises(RunError, match="3 steps in a row"):
         train(cfg, source=PoisonedSource(cfg.model.vocab_size, 32, 8), out=lambda _: None)
@@ -54,7 +56,8 @@ def test_nonfinite_losses_stop_the_run(tmp_path):
 def test_same_seed_same_losses(tmp_path):
     """Determinism on CPU: the same seed and layout give bitwise-identical losses; another seed differs."""
     def losses(name, seed):
-        cfg = load_config(None, ["model.preset=debug", "train.steps=4", "train.log_every=1", "data.seq_len=32",
+        cfg = load_config(None, ["data.source=synthetic",
+                             "model.preset=debug", "train.steps=4", "train.log_every=1", "data.seq_len=32",
                                  "data.global_batch=8", f"train.seed={seed}", "mesh.data=2", "mesh.fsdp=2",
                                  "mesh.tensor=2", f"run_dir={tmp_path / name}"])
         return [r["loss"] for r in train(cfg, out=lambda _: None)["history"]]

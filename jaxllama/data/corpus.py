@@ -50,38 +50,86 @@ def file_format(path: str, fmt: str = "auto") -> str:
     return "text"
 
 
-def read_documents(path: str, fmt: str = "auto", text_key: str = "text") -> Iterator[str]:
-    """Documents of one local file: the whole file (text), one per line (lines), or ``text_key`` (jsonl)."""
+@dataclass
+class BadRecords:
+    """What happens to a bad record: a one-line error naming file and line, or (``skip``) a count.
+
+    One instance per pipeline; its count is logged as ``data_skipped`` so skipping is never silent.
+    """
+
+    skip: bool = False
+    count: int = 0
+    last: str = ""
+    hint: str = "; data.skip_bad_records=true skips such records"
+
+    def __call__(self, where: str, what: str) -> None:
+        if not self.skip:
+            raise ConfigError(f"{where}: {what}{self.hint}")
+        self.count += 1
+        self.last = f"{where}: {what}"
+
+
+def read_documents(path: str, fmt: str = "auto", text_key: str = "text", bad: BadRecords | None = None,
+                   lenient: bool = False) -> Iterator[str]:
+    """Documents of one local file: the whole file (text), one per line (lines), or ``text_key`` (jsonl).
+
+    An empty file, invalid UTF-8, a line that is not a JSON object or lacks ``text_key`` goes to
+    ``bad`` (an error by default). ``lenient`` (the stdlib demo corpus, which has empty
+    ``__init__.py`` files and a few latin-1 test files) skips empty files and replaces bad bytes.
+    """
+    bad = bad or BadRecords()
     fmt = file_format(path, fmt)
     if fmt == "tfrecord":
         raise ConfigError(f"{path}: TFRecord files are read by the tf.data pipeline, not as plain text")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    errors = "replace" if lenient else "strict"
+    with open(path, "rb") as f:
         if fmt == "text":
-            text = f.read()
-            if text:
-                yield text
+            data = f.read()
+            if data:
+                text = _decode(data, errors, path, 1, bad)
+                if text is not None:
+                    yield text
+            elif not lenient:
+                bad(path, "empty file")
             return
-        for lineno, line in enumerate(f, 1):
-            if fmt == "lines":
-                if line.strip():
-                    yield line.rstrip("\n")
+        lineno = 0
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, errors, path, lineno, bad)
+            if line is None or not line.strip():
                 continue
-            if not line.strip():
+            if fmt == "lines":
+                yield line.rstrip("\r\n")
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                bad(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
+                continue
             if not isinstance(record, dict) or text_key not in record:
-                raise ConfigError(f"{path}:{lineno}: no key {text_key!r} (set data.text_key)")
-            yield str(record[text_key])
+                bad(f"{path}:{lineno}", f"no key {text_key!r} (set data.text_key)")
+            elif not isinstance(record[text_key], str):
+                bad(f"{path}:{lineno}", f"{text_key!r} is a {type(record[text_key]).__name__}, not a string")
+            else:
+                yield record[text_key]
+        if lineno == 0 and not lenient:
+            bad(path, "empty file")
+
+
+def _decode(data: bytes, errors: str, path: str, first_line: int, bad: BadRecords) -> str | None:
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        line = first_line + data[:e.start].count(b"\n")
+        bad(f"{path}:{line}", f"invalid UTF-8 (byte 0x{data[e.start]:02x})")
+        return None
 
 
 def iter_documents(spec: str, fmt: str = "auto", text_key: str = "text") -> Iterator[str]:
     """Documents of ``stdlib`` or a file glob, in file order (for tokenizer training and tests)."""
     files = stdlib_files() if spec == "stdlib" else resolve_files(spec, key="--input")
     for path in files:
-        yield from read_documents(path, "text" if spec == "stdlib" else fmt, text_key)
+        yield from read_documents(path, "text" if spec == "stdlib" else fmt, text_key, BadRecords(hint=""),
+                                  lenient=spec == "stdlib")
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,19 @@ import numpy as np
 import tensorflow as tf
 
 from jaxllama.config import DataConfig
-from jaxllama.data.corpus import SourceSpec, file_format, read_documents, resolve_files, stdlib_files
+from jaxllama.data.corpus import BadRecords, SourceSpec, file_format, read_documents, resolve_files, stdlib_files
 from jaxllama.errors import ConfigError
 
 HOLDOUT_BUCKETS = 10_000
 
 
 def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle: bool, process_index: int,
-              process_count: int, split: str, holdout: str | None = None, key: str = "data.source") -> tf.data.Dataset:
+              process_count: int, split: str, holdout: str | None = None, key: str = "data.source",
+              bad: BadRecords | None = None) -> tf.data.Dataset:
     """This process's documents (tf.string scalars) for one epoch, shuffled if asked.
 
     ``holdout``: None (all documents), "train" (without the held-out fraction) or "eval" (only it).
+    ``bad``: where bad file records go (an error unless ``data.skip_bad_records``).
     """
     if spec.kind == "tfds":
         ds = _tfds_documents(spec.name, d, split, epoch, seed, shuffle, process_index, process_count, key)
@@ -38,7 +40,7 @@ def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle
         by_file = len(files) >= process_count
         if by_file:
             files = files[process_index::process_count]
-        ds = _file_documents(files, fmt, d.text_key)
+        ds = _file_documents(files, fmt, d.text_key, bad or BadRecords(), lenient=spec.kind == "stdlib")
         if not by_file:
             ds = ds.shard(process_count, process_index)
     if holdout is not None and d.eval_fraction > 0:
@@ -54,22 +56,38 @@ def _seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 29]).integers(0, 2**31 - 1))
 
 
-def _file_documents(files: list[str], fmt: str, text_key: str) -> tf.data.Dataset:
-    formats = {file_format(f, fmt) for f in files}
-    if formats == {"text"}:
-        return tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file).filter(lambda t: tf.strings.length(t) > 0)
-    if formats == {"tfrecord"}:
-        feature = {text_key: tf.io.FixedLenFeature([], tf.string)}
-        return tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, feature)[text_key])
-    if "tfrecord" in formats:
-        raise ConfigError("data.source: the files mix TFRecord with text/JSONL; use one kind per source")
+def _file_documents(files: list[str], fmt: str, text_key: str, bad: BadRecords, lenient: bool) -> tf.data.Dataset:
+    """Documents read in plain Python, so a bad record is reported with its file and line (or record
+    number) or skipped and counted; tokenizing, the expensive part, stays parallel in tf.data."""
 
-    def generate():  # lines / JSONL: plain Python reads give file:line errors; tokenizing stays in tf.data
+    def generate():
         for f in files:
-            for text in read_documents(f, fmt, text_key):
-                yield text
+            if file_format(f, fmt) == "tfrecord":
+                yield from _tfrecord_documents(f, text_key, bad)
+            else:
+                yield from read_documents(f, fmt, text_key, bad, lenient=lenient)
 
     return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
+
+
+def _tfrecord_documents(path: str, text_key: str, bad: BadRecords):
+    """``tf.train.Example`` records of one file: the bytes feature ``text_key``, as UTF-8 text."""
+    n = 0
+    try:
+        for n, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator(), 1):
+            feature = tf.train.Example.FromString(raw).features.feature.get(text_key)
+            values = feature.bytes_list.value if feature is not None else []
+            if len(values) != 1:
+                bad(f"{path}:record {n}", f"no single bytes feature {text_key!r} (set data.text_key)")
+                continue
+            try:
+                yield values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                bad(f"{path}:record {n}", "invalid UTF-8")
+    except tf.errors.OpError as e:  # a truncated or corrupt file: the rest of it is unreadable
+        bad(f"{path}:record {n + 1}", f"unreadable TFRecord ({e.message.splitlines()[0]})")
+    if n == 0:
+        bad(path, "no records")
 
 
 def check_source(spec: SourceSpec, d: DataConfig, split: str, key: str = "data.source") -> None:

@@ -101,7 +101,7 @@ class Packer:
         while self.fill.size:
             self._retire(0)
         if self.mode == "concat" and self.stream.size >= 2:
-            t, n = self.seq_len, self.stream.size - 1
+            n = self.stream.size - 1  # < seq_len: full rows were cut as the stream grew
             row = self._empty(1)
             row = {k: v[0] for k, v in row.items()}
             row["tokens"][:n], row["targets"][:n] = self.stream[:-1], self.stream[1:]

@@ -21,8 +21,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxllama.config import DataConfig
+from jaxllama.data.corpus import BadRecords
 from jaxllama.data.packing import Packer
-from jaxllama.errors import RunError
+from jaxllama.errors import ConfigError, RunError
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call inside tf.data
 _STOP = object()
@@ -62,6 +63,7 @@ class TextSource:
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
         self.efficiency = 1.0
+        self.bad = BadRecords(skip=d.skip_bad_records)  # shared with the reader: counts skipped records
         from jaxllama.data.documents import check_source
 
         check_source(spec, d, split, key)
@@ -76,7 +78,7 @@ class TextSource:
 
         ds = documents(self.spec, self.d, epoch=epoch, seed=self.seed, shuffle=self.d.shuffle and not self.finite,
                        process_index=self.process_index, process_count=self.process_count, split=self.split,
-                       holdout=self.holdout, key=self.key)
+                       holdout=self.holdout, key=self.key, bad=self.bad)
         encode = tf_tokenize(self.tok)
 
         def tokenize(texts):
@@ -194,5 +196,6 @@ def _readable(e: BaseException, key: str) -> BaseException:
         lines = [ln.strip() for ln in str(getattr(e, "message", e)).splitlines() if ln.strip()]
         ours = [ln for ln in lines if "ConfigError:" in ln or "RunError:" in ln]
         text = ours[-1].split("Error:", 1)[1].strip() if ours else (lines[0] if lines else type(e).__name__)
-        return RunError(f"{key}: {text}")
+        kind = ConfigError if ours and "ConfigError:" in ours[-1] else RunError  # bad input stays exit 2
+        return kind(f"{key}: {text}")
     return e

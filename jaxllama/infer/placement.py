@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from jaxllama.config import DEFAULT_RULES
+from jaxllama.config import DEFAULT_RULES, indivisible_dim
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.parallel.sharding import Layout, rules_from_config
@@ -59,12 +59,10 @@ def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list
     if n > len(devices):
         raise ConfigError(f"--mesh: {'x'.join(str(sizes[k]) for k in AXES)} = {n} devices, but only "
                           f"{len(devices)} are available")
-    tp = sizes["tensor"]
-    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
-        if getattr(a, key) % tp:
-            raise ConfigError(f"--mesh: tensor={tp} does not divide the model's {key}={getattr(a, key)}")
-    if a.dim % sizes["fsdp"]:
-        raise ConfigError(f"--mesh: fsdp={sizes['fsdp']} does not divide the model's dim={a.dim}")
+    bad = indivisible_dim(a, sizes)
+    if bad:
+        key, size, axis, n = bad
+        raise ConfigError(f"--mesh: {axis}={n} does not divide the model's {key}={size}")
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
                           f"devices, got {n}")

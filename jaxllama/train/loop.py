@@ -228,7 +228,7 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
     tokens_per_step = d.global_batch * d.seq_len
     pending: list = []
     history: list[dict] = []
-    bad_in_row = skipped = 0
+    bad_in_row = skipped = skipped_records = 0
     preempted = False
     last_time = time.perf_counter()
     try:
@@ -270,6 +270,10 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                     step_time_s=elapsed / len(fetched), skipped_nonfinite=skipped)
                 if hasattr(source, "efficiency"):
                     record["packing_efficiency"] = source.efficiency
+                if getattr(source, "bad", None) is not None and source.bad.count:  # data.skip_bad_records
+                    if source.bad.count > skipped_records:
+                        say(f"skipped {source.bad.count} bad records so far (last: {source.bad.last})")
+                    skipped_records = record["data_skipped"] = source.bad.count
                 record.update(eval_result, **extra)
                 eval_result, extra = {}, {}
                 writer.write(record)

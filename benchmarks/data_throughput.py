@@ -37,6 +37,7 @@ def tokenizers(folder: str, vocab: int) -> dict[str, str]:
     from jaxllama.data.tokenizers import cached_stdlib_tokenizer
 
     tiktoken = llama3_style_tiktoken(stdlib_docs(600), vocab, folder)
+    os.makedirs(os.path.join(folder, "hf"))
     hf = hf_folder(tiktoken, os.path.join(folder, "hf"))
     return {"sentencepiece": cached_stdlib_tokenizer(vocab), "tiktoken": tiktoken, "hf": hf}
 

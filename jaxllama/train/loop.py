@@ -240,6 +240,9 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
                 done = step + 1
                 preempted = watch.reached(done)
                 if ckpts and (preempted or done == t.steps or (c.every and done % c.every == 0)):
+                    # Steps are dispatched ahead: wait for them to finish computing first, so the figure
+                    # below is the save's own cost, not the queued steps' compute time.
+                    jax.block_until_ready(trainer.state)
                     blocked = ckpts.save(done, trainer.state, cfg, getattr(source, "state", dict)())
                     extra["checkpoint_block_s"] = blocked  # logged with the next record
                     say(f"checkpoint at step {done}: the save blocked training for {1000 * blocked:.0f} ms"

@@ -135,6 +135,11 @@ class TextSource:
                 continue
         return False
 
+    def describe(self) -> str:
+        """One line for the run's log: where documents come from, the tokenizer, the packing."""
+        return (f"data: {self._describe()}, tokenizer {self.tok.path} ({self.tok.kind}, {self.tok.vocab_size} ids), "
+                f"{self.d.packing} into {self.d.seq_len}-token rows, {self.local_batch} rows per batch on this process")
+
     def _describe(self) -> str:
         s = self.spec
         return {"tfds": f"tfds:{s.name} split {self.split}", "files": s.pattern}.get(s.kind, s.kind)

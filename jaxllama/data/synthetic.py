@@ -19,6 +19,9 @@ LANGUAGE_SEED = 1234  # the chain itself is fixed; train.seed only changes which
 class SyntheticSource:
     """Yields this process's rows of each global batch: tokens, targets, segment_ids, positions, loss_mask."""
 
+    def describe(self) -> str:
+        return f"data: synthetic tokens (a random Zipf-like language, seed {self.seed}), {self.seq_len}-token rows"
+
     def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int = 0, branching: int = 4,
                  process_index: int = 0, process_count: int = 1, limit: int | None = None):
         if global_batch % process_count:

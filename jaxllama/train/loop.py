@@ -220,6 +220,8 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
     mesh_desc = ", ".join(f"{k}={v}" for k, v in trainer.layout.mesh.shape.items())
     say(f"jaxllama: {cfg.model.preset} ({a.dtype} compute, attention {a.attention}) on {n_dev} "
         f"{jax.devices()[0].platform} device(s), mesh {mesh_desc}; run dir {run_dir}")
+    if hasattr(source, "describe"):
+        say(source.describe())
     say(f"peak FLOP/s per device: {peak:.3g}, {peak_src}")
 
     batch = trainer.global_batch(next(source))

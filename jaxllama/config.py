@@ -138,6 +138,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per device, for MFU; None: table, or measured on CPU
     tensorboard: bool = True
     progress: bool = True  # progress bar on a terminal
+    init_from: str | None = None  # start from these weights (HF/Meta/GGUF/jaxllama); optimizer starts fresh
     eval_every: int = 0  # steps between evals (when eval data is configured); 0: only at the end
     eval_batches: int = 0  # batches per eval; 0: one whole pass over the eval data (synthetic: 8)
 
@@ -366,6 +367,8 @@ def validate(cfg: Config) -> None:
     if not 0 < o.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
     _choice("optim.schedule", o.schedule, SCHEDULES)
+    if t.init_from and "://" not in t.init_from and not Path(t.init_from).expanduser().exists():
+        raise ConfigError(f"train.init_from: {t.init_from}: no such file or folder")
     if t.eval_every < 0 or t.eval_batches < 0:
         raise ConfigError("train.eval_every and train.eval_batches must be >= 0")
     for name in ("steps", "log_every", "grad_accum", "max_nonfinite"):

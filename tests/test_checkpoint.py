@@ -151,3 +151,23 @@ def test_save_blocking_time_is_logged(finished_run):
     rows = [json.loads(x) for x in (finished_run / "metrics.jsonl").read_text().splitlines()]
     blocked = {r["step"]: r["checkpoint_block_s"] for r in rows if "checkpoint_block_s" in r}
     assert sorted(blocked) == [2, 4, 6] and all(0 < v < 60 for v in blocked.values())
+
+
+def test_open_params_reads_one_layer_at_a_time_from_a_training_run(finished_run, tmp_path):
+    """Conversion's reader: lazy TensorStore handles over the run's latest step, values equal to Orbax's."""
+    from jaxllama.checkpoint.params import LazyArray, open_params
+
+    arrays, model_cfg = open_params(str(finished_run))
+    params, cfg2 = load_params(str(finished_run))
+    assert model_cfg == cfg2
+    flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert set(arrays) == set(flat) and all(isinstance(a, LazyArray) for a in arrays.values())
+    gate = arrays["layers/mlp/gate_proj/kernel"]
+    assert gate[1].shape == gate.shape[1:]  # one layer read, not the stack
+    for k, v in flat.items():
+        np.testing.assert_array_equal(np.asarray(arrays[k]), np.asarray(v), err_msg=k)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # stored bf16 reads back as bf16
+    save_params(str(tmp_path / "bf16"), bf16, model_cfg)
+    emb = open_params(str(tmp_path / "bf16"))[0]["embed_tokens/embedding"]
+    assert emb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(emb[:3], np.asarray(bf16["embed_tokens"]["embedding"][:3]))

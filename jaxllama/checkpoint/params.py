@@ -166,3 +166,64 @@ def load_params(path: str, shardings: Any = None, dtype: Any = None) -> tuple[An
 
     _, (params, model_cfg) = first_readable(resolve_params_dirs(path), lambda d: restore_params(d, shardings, dtype))
     return params, model_cfg
+
+
+class LazyArray:
+    """One stored parameter, read on indexing: ``a[i]`` reads layer i only; ``np.asarray(a)`` reads it all."""
+
+    def __init__(self, store: Any):
+        self.store, self.shape, self.dtype = store, tuple(store.shape), np.dtype(store.dtype.numpy_dtype)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.store[index].read().result()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.store.read().result()
+        return out if dtype is None else out.astype(dtype)
+
+
+def open_params(path: str) -> tuple[dict[str, Any], ModelConfig]:
+    """Every stored parameter as a :class:`LazyArray` ({"layers/mlp/gate_proj/kernel": ...}) and the config.
+
+    Why: conversion reads one layer of one tensor at a time, so its memory stays bounded whatever the
+    model size, whereas an Orbax restore reads whole arrays (a 405B model's stacked MLP kernel alone is
+    over 200 GB). The arrays are opened with TensorStore in the layout Orbax writes (OCDBT, one zarr
+    array per leaf named by its dotted path); a checkpoint in any other layout is restored whole.
+    """
+    def read(d: epath.Path) -> tuple[dict[str, Any], ModelConfig]:
+        with _reader() as ckptr:
+            meta = ckptr.metadata(d).item_metadata[PARAMS].tree
+            model = ckptr.restore(d, args=ocp.args.Composite(**{MODEL: ocp.args.JsonRestore()}))[MODEL]
+        model_cfg = model_config_from_dict(model, str(d / MODEL))
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): m
+                for path, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        try:
+            arrays = {k: LazyArray(_open_leaf(d / PARAMS, k)) for k in flat}
+        except Exception:  # noqa: BLE001 - not the layout we know: fall back to Orbax's whole-array restore
+            params, model_cfg = restore_params(d)
+            return {k: v for k, v in _flat_leaves(params)}, model_cfg
+        for k, a in arrays.items():
+            if a.shape != tuple(flat[k].shape):
+                raise RunError(f"{d}: {k} is stored as {a.shape} but its metadata says {tuple(flat[k].shape)}")
+        return arrays, model_cfg
+
+    _, out = first_readable(resolve_params_dirs(path), read)
+    return out
+
+
+def _open_leaf(item_dir: epath.Path, key: str) -> Any:
+    import tensorstore as ts
+
+    base = str(item_dir) if "://" in str(item_dir) else f"file://{item_dir}"
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base.rstrip("/") + "/",
+                                          "path": key.replace("/", ".") + "/"}}
+    return ts.open(spec, read=True, open=True).result()
+
+
+def _flat_leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat_leaves(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+

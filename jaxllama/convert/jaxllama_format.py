@@ -1,8 +1,9 @@
 """jaxllama's own params-only format (Orbax, via :mod:`jaxllama.checkpoint`) as a conversion end.
 
-Reading restores the whole tree (Orbax reads arrays whole), so peak memory here is the model's
-size, unlike the other formats' tensor-by-tensor streaming. Tokenizer files travel in a
-``tokenizer/`` folder beside the Orbax items.
+Reading streams: each stored array is opened with TensorStore and read one layer at a time
+(:func:`jaxllama.checkpoint.params.open_params`). Writing does not: Orbax saves a whole tree at
+once (copying it), so writing this format needs about twice the model in memory. Tokenizer files
+travel in a ``tokenizer/`` folder beside the Orbax items.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ TOKENIZER_DIR = "tokenizer"
 
 class JaxllamaSource(Source):
     def __init__(self, path: str | Path, dtype: np.dtype | None = None):
-        from jaxllama.checkpoint import load_params
+        from jaxllama.checkpoint.params import open_params
 
         self.path, self.dtype = Path(path), dtype
-        params, self.model_cfg = load_params(str(path))
-        self.params = dict(_flatten(params))  # jax arrays; one slice at a time becomes numpy
+        self.params, self.model_cfg = open_params(str(path))  # lazy: nothing is read until _read
         tok = self.path / TOKENIZER_DIR
         ex = Extras(tokenizer_dir=tok if tok.is_dir() and any(tok.iterdir()) else None)
         if (tok / "tokenizer_config.json").is_file():
@@ -41,14 +41,6 @@ class JaxllamaSource(Source):
             raise ConfigError(f"{self.path}: parameter {key} not found")
         arr = self.params[key]
         return np.asarray(arr if layer is None else arr[layer])
-
-
-def _flatten(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def _to_device(tree: dict) -> dict:

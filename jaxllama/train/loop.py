@@ -29,7 +29,7 @@ from jaxllama.parallel.mesh import make_mesh
 from jaxllama.parallel.sharding import Layout, rules_from_config
 from jaxllama.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxllama.train.optimizer import make_optimizer
-from jaxllama.train.step import BATCH_KEYS, init_state, make_loss_fn, make_train_step, state_shardings
+from jaxllama.train.step import BATCH_KEYS, TrainState, init_state, make_loss_fn, make_train_step, state_shardings
 
 
 @dataclass
@@ -67,9 +67,19 @@ class Trainer:
                           donate_argnums=(0,))
         return cls(cfg, arch, layout, model, state, shardings, step_fn, schedule, tx)
 
-    def initialize(self) -> None:
-        """Fresh parameters and optimizer state from ``train.seed``, created in their shards."""
-        self.state, _ = init_state(self.model, self.tx, self.layout, self.cfg.train.seed)
+    def initialize(self, say: Callable[[str], None] = print) -> None:
+        """Fresh parameters (from ``train.seed``, or ``train.init_from``'s weights) and optimizer state, in
+        their shards."""
+        if not self.cfg.train.init_from:
+            self.state, _ = init_state(self.model, self.tx, self.layout, self.cfg.train.seed)
+            return
+        from jaxllama.train.init_from import initial_params
+
+        sh = self.state_shardings
+        params = initial_params(self.cfg, sh.params, say)
+        opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
+        step = jax.device_put(np.zeros((), np.int32), sh.step)
+        self.state = TrainState(step=step, params=params, opt_state=opt_state)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
@@ -203,7 +213,9 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
         source.restore(data_state)
         say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
     else:
-        trainer.initialize()
+        trainer.initialize(say)
+        if t.init_from:
+            say(f"initialized the parameters from {t.init_from}")
     if is_main:
         trim_metrics(run_dir, start)
     if start >= t.steps:

@@ -1,0 +1,72 @@
+"""``train.init_from``: start training (fine-tuning) from existing weights instead of a random init.
+
+Any checkpoint ``jaxllama convert`` reads works: a Hugging Face folder, a Meta folder, a GGUF file
+(dequantized), or a jaxllama params dir / training run. Only the parameters are taken; the optimizer
+state and the step start fresh (that is what distinguishes this from resuming a run).
+
+Placement: a jaxllama checkpoint is read by Orbax straight into this run's shards; the other formats
+are read into host memory by the converter (each process reads the whole model) and then each device
+receives only its shard (``jax.make_array_from_callback``), so no device ever holds a full copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxllama.config import Config, ModelConfig
+from jaxllama.errors import ConfigError
+
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+# Fields that change what the model computes without changing shapes: a difference is reported, and the
+# config wins (extending the context with another rope_theta is a legitimate fine-tuning choice).
+FUNCTION_FIELDS = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                   "rope_original_max_position", "norm_eps")
+
+
+def compare_models(stored: ModelConfig, cfg: ModelConfig, where: str, say: Callable[[str], None]) -> None:
+    """Shape differences are an error naming every field; other architecture differences are reported."""
+    def diff(fields):
+        return [f"model.{k}: checkpoint {getattr(stored, k)!r}, config {getattr(cfg, k)!r}"
+                for k in fields if getattr(stored, k) != getattr(cfg, k)]
+
+    shapes = diff(SHAPE_FIELDS)
+    if shapes:
+        raise ConfigError(f"train.init_from: {where} does not fit the model config: {'; '.join(shapes)} "
+                          "(set model.preset or the model.* fields to the checkpoint's)")
+    scaled = "llama3" in (stored.rope_type, cfg.rope_type)  # the factors mean nothing without llama3 scaling
+    others = diff(f for f in FUNCTION_FIELDS if scaled or not f.startswith(("rope_factor", "rope_low", "rope_high",
+                                                                             "rope_original")))
+    if others:
+        say(f"train.init_from: {where} differs from the config in {'; '.join(others)}; training uses the config's")
+
+
+def initial_params(cfg: Config, shardings: Any, say: Callable[[str], None] = print) -> Any:
+    """The parameters of ``cfg.train.init_from``, in ``model.param_dtype``, placed per ``shardings``."""
+    from jaxllama.convert.api import detect_format
+
+    path = cfg.train.init_from
+    dtype = jax.numpy.dtype(cfg.model.param_dtype)
+    try:
+        fmt = detect_format(path)
+    except ConfigError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    if fmt == "jaxllama":
+        from jaxllama.checkpoint import load_params
+        from jaxllama.checkpoint.params import open_params
+
+        _, stored = open_params(path)  # the config alone (nothing is read yet), to check before reading
+        compare_models(stored, cfg.model, path, say)
+        params, _ = load_params(path, shardings=shardings, dtype=dtype)
+        return params
+    from jaxllama.convert.api import load_model
+
+    loaded = load_model(path)
+    compare_models(loaded.model_cfg, cfg.model, path, say)
+    return jax.tree.map(lambda a, s: _place(np.asarray(a), s, dtype), loaded.params, shardings)
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any) -> jax.Array:
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index].astype(dtype))

@@ -280,3 +280,16 @@ def test_stdlib_source_uses_the_cached_demo_tokenizer(monkeypatch, tmp_path, mak
     batch = next(make_source(c))
     assert batch["tokens"].shape == (4, 32) and batch["tokens"].max() < 320
     assert os.listdir(tmp_path) == ["stdlib-sp-320.model"]
+
+
+def test_a_run_keeps_its_tokenizer_so_generate_and_convert_find_it(tmp_path, cfg, sp_model):
+    from jaxllama.convert.api import load_model
+    from jaxllama.train.loop import train
+
+    c = cfg(_write_text_files(tmp_path / "docs", _texts(40)))
+    c.run_dir, c.train.steps, c.train.tensorboard, c.train.progress = str(tmp_path / "run"), 2, False, False
+    c.mesh.fsdp, c.mesh.tensor = 4, 2
+    train(c, out=lambda _: None)
+    kept = tmp_path / "run" / "tokenizer" / "tokenizer.model"
+    assert kept.read_bytes() == open(sp_model, "rb").read()
+    assert load_model(str(tmp_path / "run")).tokenizer_path == str(kept.parent)

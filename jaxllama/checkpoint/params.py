@@ -10,6 +10,7 @@ Paths go through Orbax/TensorStore unchanged, so ``gs://...`` works like a local
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable
 
@@ -69,9 +70,15 @@ def complete_steps(checkpoints_dir: epath.Path) -> list[int]:
     """Steps whose checkpoint Orbax finalized, oldest first (temporary, half-written ones excluded)."""
     if not checkpoints_dir.is_dir():
         return []
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(checkpoints_dir, options=options) as mngr:
-        return sorted(mngr.all_steps())
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
+    try:
+        with ocp.CheckpointManager(checkpoints_dir, options=options) as mngr:
+            return sorted(mngr.all_steps())
+    finally:
+        absl_log.setLevel(level)
 
 
 def resolve_params_dirs(path: str) -> list[epath.Path]:

@@ -443,6 +443,23 @@ def tf_tokenize(tok: Tokenizer, bos: bool = False, eos: bool = False) -> Callabl
     return fn
 
 
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def copy_tokenizer(tok: Tokenizer, folder: Path) -> None:
+    """Copy ``tok``'s files into ``folder`` (a run's ``tokenizer/``): the run becomes self-contained, so
+    ``jaxllama generate RUN`` and ``jaxllama convert RUN`` find its tokenizer beside its checkpoints."""
+    import shutil
+
+    src = Path(tok.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, folder / ("tokenizer.json" if tok.kind == "hf" else "tokenizer.model"))
+    if tok.kind == "hf":  # its configuration lives beside tokenizer.json; a .model file is complete alone
+        for name in SIDE_FILES:
+            if (src.parent / name).is_file():
+                shutil.copyfile(src.parent / name, folder / name)
+
+
 def describe_tokenizer(path: str, text: str | None = None) -> str:
     """``jaxllama tokenizer info``: kind, sizes, BOS/EOS/pad/stop ids, and optionally an encoded sample."""
     tok = load_tokenizer(path)

@@ -199,6 +199,10 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
         from jaxllama.data.sources import make_source
 
         source = make_source(cfg)
+    if getattr(source, "tok", None) is not None and is_main and not (run_dir / "tokenizer").exists():
+        from jaxllama.data.tokenizers import copy_tokenizer
+
+        copy_tokenizer(source.tok, run_dir / "tokenizer")
     from jaxllama.train.evaluate import Evaluator, wants_eval
 
     evaluator = Evaluator(cfg, trainer) if wants_eval(cfg) else None

@@ -157,6 +157,24 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     return out
 
 
+def check_host_memory(cfg: Config) -> None:
+    """On CPU every (simulated) device lives in this host's RAM: refuse a run the plan says cannot fit,
+    with one line, instead of being killed by the kernel's OOM killer minutes later."""
+    if jax.default_backend() != "cpu":
+        return
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: no check
+        return
+    need = plan(cfg, devices=jax.device_count())["total_bytes"] * jax.local_device_count()
+    if need > avail:
+        raise ConfigError(f"model.preset={cfg.model.preset}: training needs about {need / 2**30:.1f} GiB on this CPU "
+                          f"(parameters, AdamW state, gradients, activations: see `jaxllama info`) but "
+                          f"{avail / 2**30:.1f} GiB is available; use fewer layers (e.g. model.n_layers=2), a "
+                          "smaller data.global_batch or data.seq_len, or an accelerator")
+
+
 def format_plan(p: dict) -> str:
     """The plan as the lines ``jaxllama info --devices N`` prints."""
     def g(n: int) -> str:  # GiB, or MiB for small models

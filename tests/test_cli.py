@@ -27,6 +27,7 @@ def run(*args, timeout=120):
     (["train", "--config", "/nonexistent/cfg.yaml"], "config"),
     (["train", "mesh.tensor=8", "mesh.fsdp=1"], "not divisible by mesh.tensor=8"),  # tiny has 4 kv heads
     (["train", "data.seq_len=4096"], "model.max_position"),
+    (["train", "model.preset=llama3-70b", "data.seq_len=64", "data.global_batch=8"], "GiB is available"),  # on CPU
     (["train", "--bogus-flag"], "unrecognized"),
     (["fly"], "invalid choice"),
 ])

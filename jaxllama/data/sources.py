@@ -16,6 +16,9 @@ from jaxllama.data.corpus import SourceSpec
 from jaxllama.errors import ConfigError
 
 SYNTHETIC_EVAL_BATCHES = 8
+# The stdlib corpus (~25 MB of Python) supports a tokenizer of about this size; a larger model (a Llama
+# preset on the demo text) leaves the rest of its embedding rows unused.
+STDLIB_MAX_VOCAB = 8192
 EVAL_SEED_OFFSET = 1_000_003  # synthetic eval batches come from a different stream than training's
 
 
@@ -75,7 +78,7 @@ def open_tokenizer(cfg: Config, kind: str = "stdlib"):
     if d.tokenizer:
         path = d.tokenizer
     elif kind == "stdlib":
-        path = cached_stdlib_tokenizer(vocab)
+        path = cached_stdlib_tokenizer(min(vocab, STDLIB_MAX_VOCAB))
     else:
         raise ConfigError("data.tokenizer: required for a text source (a SentencePiece/tiktoken tokenizer.model "
                           "or a tokenizer.json; `jaxllama tokenizer train` makes one)")

@@ -29,6 +29,7 @@ from jaxllama.parallel.mesh import make_mesh
 from jaxllama.parallel.sharding import Layout, rules_from_config
 from jaxllama.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxllama.train.optimizer import make_optimizer
+from jaxllama.plan import check_host_memory
 from jaxllama.train.step import BATCH_KEYS, TrainState, init_state, make_loss_fn, make_train_step, state_shardings
 
 
@@ -193,6 +194,7 @@ def train(cfg: Config, source: Iterator[dict] | None = None, devices: list | Non
     say = out if is_main else (lambda _: None)
     if not resume:
         refuse_existing(cfg)
+    check_host_memory(cfg)
     trainer = Trainer.build(cfg, devices, init=False)  # state filled below: restored, or initialized
     run_dir = prepare_run_dir(cfg)
     if source is None:

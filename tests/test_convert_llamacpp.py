@@ -22,6 +22,7 @@ from jaxllama.convert.common import ParamsSource
 from jaxllama.convert.gguf_format import write_gguf
 from jaxllama.model.llama import Arch, Llama
 from test_convert_gguf import LLAMA3, hf_with_tokenizer, flat
+from test_tokenizers import tiktoken_path  # noqa: F401 (fixture)
 
 PROMPT = "hello world the quick brown fox"
 F32 = 0  # GGML_TYPE_F32, for llama.cpp's KV cache (its default f16 cache would blur the comparison)
@@ -119,3 +120,30 @@ def test_import_of_llama_cpp_quantized_files(f32_gguf, qtype):
     for k in a:  # relative RMS error per tensor; a wrong layout or transposition would be ~1.4
         err = np.sqrt(np.mean((a[k] - b[k]) ** 2)) / np.sqrt(np.mean(a[k] ** 2))
         assert err < tol, (qtype, k, err)
+
+
+def test_meta_llama3_tiktoken_tokenizer_goes_into_gguf(tmp_path, tiktoken_path):
+    """Meta's Llama 3 folder (tiktoken tokenizer.model) -> GGUF: llama.cpp tokenizes like our tiktoken
+    tokenizer, special tokens included, and the GGUF's tokenizer read back by us does too."""
+    import shutil
+
+    from jaxllama.convert.common import Extras
+    from jaxllama.convert.meta import write_meta
+    from jaxllama.data.tokenizers import load_tokenizer
+
+    ours = load_tokenizer(tiktoken_path)
+    m = load_config(None, ["model.preset=debug", "data.seq_len=32", f"model.vocab_size={ours.vocab_size + 4}"]).model
+    (tmp_path / "tok").mkdir()
+    shutil.copy(tiktoken_path, tmp_path / "tok" / "tokenizer.model")
+    write_meta(ParamsSource(random_params(Arch.from_config(m), seed=2), m, Extras(tokenizer_dir=tmp_path / "tok")),
+               tmp_path / "meta")
+    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    texts = [PROMPT, "def main():\n    return 12345  # x", "  spaced   out\n\nlines", "naïve café ünïcödé"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True) == ours.encode(text, bos=True), text
+    chat = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == ours.encode(chat, bos=False, special=True)
+    back = load_tokenizer(load_model(str(tmp_path / "m.gguf")).tokenizer_path)
+    assert all(back.encode(t) == ours.encode(t) for t in texts)
+    assert back.bos_id == ours.bos_id and back.eos_id == ours.eos_id

@@ -55,7 +55,13 @@ def vocab_from_files(tok_dir: Path | None, vocab_size: int, bos: int | None, eos
     if (tok_dir / "tokenizer.json").is_file():
         v = _from_tokenizer_json(tok_dir, vocab_size)
     elif (tok_dir / "tokenizer.model").is_file():
-        v = _from_sentencepiece(tok_dir / "tokenizer.model", vocab_size)
+        from jaxllama.data.tokenizers import sniff_kind
+
+        model_file = tok_dir / "tokenizer.model"
+        if sniff_kind(str(model_file)) == "tiktoken":  # Meta's Llama 3 release
+            v = _from_tiktoken(model_file, vocab_size)
+        else:
+            v = _from_sentencepiece(model_file, vocab_size)
         if v is None:
             return None
     else:
@@ -131,6 +137,51 @@ def _from_sentencepiece(path: Path, vocab_size: int) -> GGUFVocab | None:
         if i >= 0:
             v.special[key] = i
     return _pad(v, vocab_size, scores=True)
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted past 255,
+    so every byte string becomes a printable token string (how ``gpt2`` GGUF vocabs spell tokens)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two parts whose merge made ``token``: replay BPE on its bytes with only lower-ranked merges."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+        if ranks.get(parts[best] + parts[best + 1], rank) >= rank:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ConfigError(f"tiktoken token of rank {rank} cannot be built from lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+def _from_tiktoken(path: Path, vocab_size: int) -> GGUFVocab:
+    """Meta's Llama 3 ``tokenizer.model`` (tiktoken ranks + the 256 special tokens after them) as a
+    ``gpt2``/``llama-bpe`` vocab: tokens spelled in the byte-level alphabet, merges recovered by BPE."""
+    from jaxllama.data.tokenizers import LLAMA3_SPECIALS, read_tiktoken_ranks
+
+    ranks = read_tiktoken_ranks(str(path))
+    n = len(ranks) + len(LLAMA3_SPECIALS)
+    if n > vocab_size:
+        raise ConfigError(f"{path}: {n} tokens (with Llama 3's special tokens) but the model has "
+                          f"vocab_size={vocab_size}")
+    u = byte_to_unicode()
+    spell = lambda b: "".join(u[x] for x in b)  # noqa: E731
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    merges = [" ".join(map(spell, _merge_of(t, ranks[t], ranks))) for t in by_rank if len(t) > 1]
+    tokens = [spell(t) for t in by_rank] + list(LLAMA3_SPECIALS)
+    types = [NORMAL] * len(ranks) + [CONTROL] * len(LLAMA3_SPECIALS)
+    ids = {t: i for i, t in enumerate(tokens)}
+    v = GGUFVocab(model="gpt2", tokens=tokens, token_types=types, merges=merges, pre="llama-bpe",
+                  special={"bos": ids["<|begin_of_text|>"], "eos": ids["<|end_of_text|>"]}, add_bos=True,
+                  add_eos=False)
+    return _pad(v, vocab_size, scores=False)
 
 
 def write_vocab(writer, v: GGUFVocab, chat_template: str | None) -> None:

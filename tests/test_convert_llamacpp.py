@@ -122,7 +122,7 @@ def test_import_of_llama_cpp_quantized_files(f32_gguf, qtype):
         assert err < tol, (qtype, k, err)
 
 
-def test_meta_llama3_tiktoken_tokenizer_goes_into_gguf(tmp_path, tiktoken_path):
+def test_meta_llama3_tiktoken_tokenizer_goes_into_gguf_and_hf(tmp_path, tiktoken_path):
     """Meta's Llama 3 folder (tiktoken tokenizer.model) -> GGUF: llama.cpp tokenizes like our tiktoken
     tokenizer, special tokens included, and the GGUF's tokenizer read back by us does too."""
     import shutil
@@ -147,3 +147,9 @@ def test_meta_llama3_tiktoken_tokenizer_goes_into_gguf(tmp_path, tiktoken_path):
     back = load_tokenizer(load_model(str(tmp_path / "m.gguf")).tokenizer_path)
     assert all(back.encode(t) == ours.encode(t) for t in texts)
     assert back.bos_id == ours.bos_id and back.eos_id == ours.eos_id
+    # Meta -> Hugging Face: transformers gets a tokenizer.json that encodes the same
+    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in texts:
+        assert hf(text)["input_ids"] == ours.encode(text, bos=True), text
+    assert hf(chat, add_special_tokens=False)["input_ids"] == ours.encode(chat, bos=False, special=True)

@@ -184,6 +184,22 @@ def _from_tiktoken(path: Path, vocab_size: int) -> GGUFVocab:
     return _pad(v, vocab_size, scores=False)
 
 
+def add_tokenizer_json(folder: Path, vocab_size: int, chat_template: str | None) -> bool:
+    """Beside a Meta Llama 3 ``tokenizer.model`` (tiktoken), write the ``tokenizer.json`` transformers
+    loads (and a ``tokenizer_config.json`` if there is none). False when the model file is not tiktoken."""
+    from jaxllama.data.tokenizers import sniff_kind
+
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file() or sniff_kind(str(model_file)) != "tiktoken":
+        return False
+    v = _from_tiktoken(model_file, vocab_size)
+    if (folder / "tokenizer_config.json").is_file():
+        _write_tokenizer_json(v, folder / "tokenizer.json")
+    else:
+        files_from_vocab(v, folder, chat_template)
+    return True
+
+
 def write_vocab(writer, v: GGUFVocab, chat_template: str | None) -> None:
     """Add the ``tokenizer.ggml.*`` keys to a ``gguf.GGUFWriter``."""
     writer.add_tokenizer_model(v.model)

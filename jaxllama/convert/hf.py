@@ -208,6 +208,11 @@ def write_hf(src: Source, dst: str | Path, shard_size: int = 5 * 2**30) -> Path:
         (out / "config.json").write_text(json.dumps(
             hf_config(m, dtype_name(dt), ex.bos_token_id, ex.eos_token_id), indent=2))
         copied = copy_tokenizer_files(ex.tokenizer_dir, out, TOKENIZER_FILES)
+        if "tokenizer.model" in copied and "tokenizer.json" not in copied:
+            from jaxllama.convert.gguf_vocab import add_tokenizer_json
+
+            if add_tokenizer_json(out, m.vocab_size, ex.chat_template):  # Meta's Llama 3 tiktoken file
+                copied = [*copied, "tokenizer.json", "tokenizer_config.json"]
         if ex.chat_template and "tokenizer_config.json" not in copied and "chat_template.jinja" not in copied:
             (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": ex.chat_template}, indent=2))
         gen = ex.generation_config

@@ -84,6 +84,11 @@ class MeshConfig:
     rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
 
 
+# The ModelConfig fields that decide parameter shapes: a checkpoint and a config that differ in any of
+# them cannot be combined (resume, train.init_from); the rest (rope, eps) change the function only.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+
+
 @dataclass
 class DataConfig:
     """Where documents come from, how they become tokens, and how tokens become [batch, seq_len] rows.

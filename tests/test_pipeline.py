@@ -300,3 +300,21 @@ def test_a_run_keeps_its_tokenizer_so_generate_and_convert_find_it(tmp_path, cfg
     kept = tmp_path / "run" / "tokenizer" / "tokenizer.model"
     assert kept.read_bytes() == open(sp_model, "rb").read()
     assert load_model(str(tmp_path / "run")).tokenizer_path == str(kept.parent)
+
+
+def test_training_logs_how_many_bad_records_it_skipped(tmp_path, cfg):
+    from jaxllama.train.loop import train
+
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": t}) for t in _texts(30)]
+    lines[3:3] = ["{not json", json.dumps({"body": "no text key"})]
+    path.write_text("\n".join(lines) + "\n")
+    c = cfg(str(path), skip_bad_records=True)
+    c.run_dir, c.train.steps, c.train.log_every, c.train.tensorboard, c.train.progress = \
+        str(tmp_path / "run"), 2, 1, False, False
+    c.mesh.fsdp, c.mesh.tensor, c.checkpoint.enabled = 4, 2, False
+    said = []
+    train(c, out=said.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data_skipped"] == 2
+    assert any("skipped 2 bad records" in s and "mixed.jsonl:5: no key 'text'" in s for s in said)

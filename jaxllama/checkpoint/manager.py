@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from jaxllama.checkpoint.handlers import PerProcessJsonHandler, PerProcessJsonRestore, PerProcessJsonSave
 from jaxllama.checkpoint.params import MODEL, PARAMS, as_path, check_shapes, model_config_dict
-from jaxllama.config import CheckpointConfig, Config
+from jaxllama.config import SHAPE_FIELDS, CheckpointConfig, Config
 from jaxllama.errors import ConfigError, RunError
 
 OPT_STATE, TRAIN, DATA = "opt_state", "train", "data"
@@ -172,5 +172,3 @@ class TrainCheckpoints:
             multihost_utils.sync_global_devices(f"jaxllama_move_aside_{step}")
         self.mngr.reload()
 
-
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")

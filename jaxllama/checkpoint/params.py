@@ -200,8 +200,7 @@ def open_params(path: str) -> tuple[dict[str, Any], ModelConfig]:
     def read(d: epath.Path) -> tuple[dict[str, Any], ModelConfig]:
         with _reader() as ckptr:
             meta = ckptr.metadata(d).item_metadata[PARAMS].tree
-            model = ckptr.restore(d, args=ocp.args.Composite(**{MODEL: ocp.args.JsonRestore()}))[MODEL]
-        model_cfg = model_config_from_dict(model, str(d / MODEL))
+        model_cfg = read_model_config(d)
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): m
                 for path, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
         try:
@@ -216,6 +215,18 @@ def open_params(path: str) -> tuple[dict[str, Any], ModelConfig]:
 
     _, out = first_readable(resolve_params_dirs(path), read)
     return out
+
+
+def read_model_config(d: epath.Path) -> ModelConfig:
+    """The ``model`` item of one directory alone (no array is read)."""
+    with _reader() as ckptr:
+        model = ckptr.restore(d, args=ocp.args.Composite(**{MODEL: ocp.args.JsonRestore()}))[MODEL]
+    return model_config_from_dict(model, str(d / MODEL))
+
+
+def load_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a params dir, a training step dir, or a run dir's latest complete step."""
+    return first_readable(resolve_params_dirs(path), read_model_config)[1]
 
 
 def _open_leaf(item_dir: epath.Path, key: str) -> Any:

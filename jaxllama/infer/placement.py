@@ -61,8 +61,8 @@ def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list
                           f"{len(devices)} are available")
     bad = indivisible_dim(a, sizes)
     if bad:
-        key, size, axis, n = bad
-        raise ConfigError(f"--mesh: {axis}={n} does not divide the model's {key}={size}")
+        key, size, axis, axis_size = bad
+        raise ConfigError(f"--mesh: {axis}={axis_size} does not divide the model's {key}={size}")
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
                           f"devices, got {n}")

@@ -16,10 +16,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxllama.config import Config, ModelConfig
+from jaxllama.config import SHAPE_FIELDS, Config, ModelConfig
 from jaxllama.errors import ConfigError
 
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 # Fields that change what the model computes without changing shapes: a difference is reported, and the
 # config wins (extending the context with another rope_theta is a legitimate fine-tuning choice).
 FUNCTION_FIELDS = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
@@ -55,10 +54,9 @@ def initial_params(cfg: Config, shardings: Any, say: Callable[[str], None] = pri
         raise ConfigError(f"train.init_from: {e}") from None
     if fmt == "jaxllama":
         from jaxllama.checkpoint import load_params
-        from jaxllama.checkpoint.params import open_params
+        from jaxllama.checkpoint.params import load_model_config
 
-        _, stored = open_params(path)  # the config alone (nothing is read yet), to check before reading
-        compare_models(stored, cfg.model, path, say)
+        compare_models(load_model_config(path), cfg.model, path, say)  # before reading any array
         params, _ = load_params(path, shardings=shardings, dtype=dtype)
         return params
     from jaxllama.convert.api import load_model

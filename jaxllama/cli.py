@@ -99,11 +99,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from jaxllama.config import parse_size
     from jaxllama.info import format_info, model_info
-    from jaxllama.plan import format_plan, parse_bytes, plan
+    from jaxllama.plan import format_plan, plan
 
     cfg = _load(args)
-    memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    memory = parse_size(args.device_memory, "--device-memory") if args.device_memory is not None else None
     print(format_info(model_info(cfg, args.devices)))
     if args.devices is not None or memory is not None:
         print(format_plan(plan(cfg, args.devices, memory)))
@@ -128,11 +129,11 @@ def _add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
+    from jaxllama.config import parse_size
     from jaxllama.convert import convert
-    from jaxllama.convert.api import parse_size
 
     out = convert(args.src, args.dst, args.to, dtype=args.dtype, gguf_type=args.gguf_type,
-                  shard_size=parse_size(args.shard_size), meta_shards=args.shards)
+                  shard_size=parse_size(args.shard_size, "--shard-size"), meta_shards=args.shards)
     print(f"wrote {out} ({args.to})")
     return 0
 
@@ -183,9 +184,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a jaxllama checkpoint or run dir, a Hugging Face or Meta folder, or a .gguf file")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the one beside the model)")
     p.add_argument("--mesh", help="inference mesh, e.g. data=1,tensor=4 (default: widest tensor split that fits)")
+    p.add_argument("--rules", help="logical-axis rules as in mesh.rules: a YAML list, or a config file (e.g. a "
+                                   "run's config.yaml) whose mesh.rules is used (default: the built-in rules)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights and compute (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _rules(args) -> list | None:
+    from jaxllama.config import parse_rules
+
+    return parse_rules(args.rules) if args.rules else None
 
 
 def _add_generate(sub) -> None:
@@ -228,7 +237,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
-    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype)
+    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args))
     quiet = (lambda _: None) if jax.process_index() else None
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
              system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk, out=quiet)
@@ -260,7 +269,8 @@ def cmd_eval(args) -> int:
     main_process = jax.process_index() == 0
     result = evaluate(args.model, args.data, args.tokenizer, args.mesh, args.dtype, args.seq_len, args.batch,
                       args.max_batches, args.overrides,
-                      say=(lambda line: print(line, file=sys.stderr)) if main_process else (lambda _: None))
+                      say=(lambda line: print(line, file=sys.stderr)) if main_process else (lambda _: None),
+                      rules=_rules(args))
     if main_process:
         print(json.dumps(result))
     return 0

@@ -2,10 +2,10 @@
 
 A sharding mistake (a dimension that does not divide, a rule that replicates a 128k-vocabulary
 head on every device, an unexpected all-gather of the whole model) shows up on a laptop instead of
-on a pod. The step compiled here is the one training runs -- the same loss, optimizer, train step
-and shardings as :class:`jaxllama.train.loop.Trainer` -- but its inputs are abstract
-(``jax.ShapeDtypeStruct`` with shardings): nothing is allocated, so llama3-8b on 16 devices compiles
-on a 2-core CPU.
+on a pod. The step compiled here is the one training runs -- the program built by
+:func:`jaxllama.program.build_program`, as ``jaxllama train`` builds it -- but its inputs are
+abstract (``jax.ShapeDtypeStruct`` with shardings): nothing is allocated, so llama3-8b on 16 devices
+compiles on a 2-core CPU.
 
 XLA can only simulate N host devices if ``--xla_force_host_platform_device_count=N`` is set before
 JAX initializes, so :func:`compile_check` re-runs itself in a fresh Python process
@@ -29,20 +29,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from jaxllama.config import Config, load_config, validate_mesh
+from jaxllama.config import Config, load_config
 from jaxllama.errors import ConfigError, JaxllamaError, RunError
-from jaxllama.model.llama import Arch, Llama
-from jaxllama.parallel.mesh import make_mesh
-from jaxllama.parallel.sharding import Layout, rules_from_config
-from jaxllama.train.optimizer import make_optimizer
-from jaxllama.train.step import BATCH_KEYS, make_loss_fn, make_train_step, state_shardings
+from jaxllama.model.llama import Arch
+from jaxllama.program import build_program
 
 GIB = 1024**3
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_BATCH_DTYPES = dict(tokens=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32, positions=jnp.int32,
-                     loss_mask=jnp.float32)
 
 
 @dataclass
@@ -81,14 +75,6 @@ def cpu_arch(cfg: Config) -> tuple[Arch, list[str]]:
     return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention}), notes
 
 
-def abstract_inputs(cfg: Config, layout: Layout, abstract_state: Any, state_sh: Any) -> tuple[Any, dict]:
-    """(state, batch) as ShapeDtypeStructs carrying their shardings: what ``lower`` needs, unallocated."""
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-    shape = (cfg.data.global_batch, cfg.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES[k], sharding=layout.batch_sharding()) for k in BATCH_KEYS}
-    return state, batch
-
-
 def count_collectives(hlo_text: str) -> dict[str, int]:
     """How many of each collective op the optimized (partitioned) HLO contains."""
     counts = {}
@@ -101,22 +87,13 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 def compile_train_step(cfg: Config, devices: list | None = None) -> CompileReport:
     """Lower + compile the train step for ``cfg`` on ``devices`` (default: all) with abstract inputs."""
-    mesh = make_mesh(cfg, devices)
-    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
-    arch, notes = cpu_arch(cfg) if jax.default_backend() == "cpu" else (Arch.from_config(cfg.model), [])
-    model = Llama(arch, layout)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, state_sh = state_shardings(model, tx, layout)
-    # The same pieces, in the same arrangement, as Trainer.build (jaxllama/train/loop.py).
-    loss_fn = make_loss_fn(model, arch, cfg.data.seq_len, cfg.train.z_loss, cfg.train.loss_chunk)
-    step = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout)
-    batch_sh = {k: layout.batch_sharding() for k in BATCH_KEYS}
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, layout.replicated()),
-                     donate_argnums=(0,))
-    state, batch = abstract_inputs(cfg, layout, abstract, state_sh)
+    arch, notes = cpu_arch(cfg) if jax.default_backend() == "cpu" else (None, [])
+    program = build_program(cfg, devices, arch)
+    arch, mesh = program.arch, program.mesh
+    state, batch = program.abstract_inputs()
     start = time.perf_counter()
     try:
-        compiled = jitted.lower(state, batch).compile()
+        compiled = program.train_step.lower(state, batch).compile()
     except Exception as e:  # XLA reports sharding/shape problems as assorted exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"compiling the train step failed: {first}") from e
@@ -137,10 +114,8 @@ def compile_check(config: str | None, overrides: list[str], devices: int, timeou
     Runs in this process when it already has exactly ``devices`` CPU devices (the tests); otherwise
     re-executes ``python -m jaxllama.compile_check`` with the device count set before JAX starts.
     """
-    if devices < 1:
-        raise ConfigError(f"--devices: must be a positive number of devices, got {devices}")
     cfg = load_config(config, overrides)
-    validate_mesh(cfg, devices)  # fail fast, before paying for a process start
+    build_program(cfg, devices)  # abstract: the mesh and shard checks fail fast, before a process start
     if _simulating(devices) and jax.device_count() == devices:
         return compile_train_step(cfg)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 
 from jaxllama.errors import ConfigError
 from jaxllama.model.presets import PRESETS
+from jaxllama.parallel.mesh import AXES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
@@ -29,9 +31,8 @@ ROPE_TYPES = ("default", "llama3")
 DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord")
 PACKING_MODES = ("pack", "concat")
 
-# The default logical-axis rules. Order matters: a mesh axis already used by an earlier dimension
-# of the same array is skipped, so activations [batch, length, embed] shard batch over
-# (data, fsdp) and leave embed whole, while weights [embed, mlp] shard embed over fsdp.
+# The default logical-axis rules (weights; activation_* names follow them, see parallel/sharding.py):
+# batch rows over (data, fsdp), weights' embed over fsdp (FSDP), heads / MLP / vocabulary over tensor.
 DEFAULT_RULES: list[list[Any]] = [
     ["batch", ["data", "fsdp"]],
     ["embed", "fsdp"],
@@ -335,7 +336,8 @@ def _positive(key: str, value: float | int) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Every check that needs no devices. Mesh sizes are checked in :func:`validate_mesh`."""
+    """Every check that needs no devices. Mesh sizes and shard shapes are checked by the program
+    (:func:`jaxllama.program.build_program`), which knows the devices and the layout."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                  "max_position", "norm_eps", "rope_theta", "rope_factor"):
@@ -391,71 +393,62 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
 
 
+def parse_rules(text: str, key: str = "--rules") -> list:
+    """Logical-axis rules for inference: a YAML list as in ``mesh.rules`` (``"[[kv_heads, null]]"`` is
+    not a merge: give the whole table), or a YAML file: a bare list, or a config (a run's config.yaml)
+    whose ``mesh.rules`` is taken."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        tree = yaml.safe_load(path.read_text()) if path.stat().st_size else None
+        rules = tree.get("mesh", {}).get("rules") if isinstance(tree, dict) else tree
+        where = f"{key} {text}"
+    else:
+        rules, where = _parse_scalar(text), key
+    if not isinstance(rules, list):
+        raise ConfigError(f"{where}: expected a list of [logical_name, mesh_axes] rules (or a config file with "
+                          "mesh.rules)")
+    _validate_rules(rules, where)
+    return rules
+
+
 def _validate_mesh_shape(mesh: MeshConfig) -> None:
-    sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor")}
+    sizes = {k: getattr(mesh, k) for k in AXES}
     for k, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{k}: must be a positive size or -1 (fill), got {v}")
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError(f"mesh: at most one of data, fsdp, tensor may be -1, got {sizes}")
-    for k in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
-        _positive(f"mesh.{k}", getattr(mesh, k))
-    for i, rule in enumerate(mesh.rules):
+    for k in AXES:
+        _positive(f"mesh.dcn_{k}", getattr(mesh, f"dcn_{k}"))
+    _validate_rules(mesh.rules, "mesh.rules")
+
+
+def _validate_rules(rules: list, key: str) -> None:
+    for i, rule in enumerate(rules):
         ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
         axes = rule[1] if ok else None
         axes = [axes] if isinstance(axes, str) or axes is None else axes
-        if not ok or any(a not in ("data", "fsdp", "tensor") for a in axes if a is not None):
-            raise ConfigError(f"mesh.rules[{i}]: expected [logical_name, mesh_axis or [mesh_axes]] with axes "
-                              f"from data, fsdp, tensor; got {rule!r}")
+        if not ok or not isinstance(axes, (list, tuple)) or any(a not in AXES for a in axes if a is not None):
+            raise ConfigError(f"{key}[{i}]: expected [logical_name, mesh_axis or [mesh_axes]] with axes "
+                              f"from {', '.join(AXES)}; got {rule!r}")
 
 
-def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Total (DCN x ICI) sizes of data, fsdp, tensor for ``n_devices``, resolving -1; checks the product."""
-    mesh = cfg.mesh
-    dcn = {k: getattr(mesh, f"dcn_{k}") for k in ("data", "fsdp", "tensor")}
-    n_dcn = dcn["data"] * dcn["fsdp"] * dcn["tensor"]
-    if n_devices % n_dcn:
-        raise ConfigError(f"mesh: dcn sizes {dcn} (product {n_dcn}) do not divide the {n_devices} devices")
-    per_slice = n_devices // n_dcn
-    ici = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor")}
-    known = 1
-    for v in ici.values():
-        known *= v if v != -1 else 1
-    desc = " x ".join(f"{k}={v}" for k, v in ici.items())
-    if -1 in ici.values():
-        if per_slice % known:
-            raise ConfigError(f"mesh: {desc} cannot fill {per_slice} devices per slice ({known} does not divide it)")
-        ici = {k: (per_slice // known if v == -1 else v) for k, v in ici.items()}
-    elif known != per_slice:
-        raise ConfigError(f"mesh: {desc} = {known} devices, but {per_slice} are available"
-                          f"{' per slice' if n_dcn > 1 else ''}; make the product match or set one size to -1")
-    return {k: ici[k] * dcn[k] for k in ici}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def validate_mesh(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Checks that need the device count: mesh product, batch and head divisibility."""
-    sizes = mesh_sizes(cfg, n_devices)
-    m, d, t = cfg.model, cfg.data, cfg.train
-    batch_shards = sizes["data"] * sizes["fsdp"]
-    if d.global_batch % (batch_shards * t.grad_accum):
-        raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by mesh data x fsdp = {batch_shards}"
-                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""))
-    bad = indivisible_dim(m, sizes)
-    if bad:
-        key, size, axis, n = bad
-        raise ConfigError(f"model.{key}={size} is not divisible by mesh.{axis}={n}")
-    return sizes
+def parse_size(text: str, key: str) -> int:
+    """Sizes everywhere (``--device-memory``, ``--shard-size``): ``"80GB"`` -> 80e9 bytes, ``"80GiB"`` and
+    ``"80G"`` -> 80 * 2^30, ``"1.5e9"`` -> bytes.
 
-
-def indivisible_dim(shapes: Any, sizes: dict[str, int]) -> tuple[str, int, str, int] | None:
-    """The first model dimension the mesh cannot split evenly, as (field, size, mesh axis, axis size).
-
-    ``shapes`` is anything with the ModelConfig shape fields (a ModelConfig or the model's Arch).
-    Heads, the MLP and the vocabulary split over ``tensor``; the embedding dimension over ``fsdp``.
+    SI units are decimal (an "80GB" H100 reads as 74.5 GiB, the conservative side of its 79.6 GiB
+    usable); write GiB (or G) for binary.
     """
-    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
-        if getattr(shapes, key) % sizes["tensor"]:
-            return key, getattr(shapes, key), "tensor", sizes["tensor"]
-    if shapes.dim % sizes["fsdp"]:
-        return "dim", shapes.dim, "fsdp", sizes["fsdp"]
-    return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 80GB, 95GiB, 16G or a number of bytes")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {text!r}")
+    return int(value)

@@ -12,24 +12,18 @@ import math
 import jax
 
 from jaxllama.config import Config
-from jaxllama.model.llama import Arch, Llama
-from jaxllama.plan import abstract_mesh
-from jaxllama.parallel.sharding import Layout, per_device_bytes, rules_from_config
+from jaxllama.parallel.sharding import per_device_bytes
+from jaxllama.program import build_program
 from jaxllama.train.metrics import flops_per_token
-from jaxllama.train.optimizer import make_optimizer
-from jaxllama.train.step import state_shardings
 
 
 def model_info(cfg: Config, devices: int | None = None) -> dict:
     """Counts and per-device state bytes for ``cfg`` on ``devices`` (default: the devices present)."""
-    mesh = abstract_mesh(cfg, jax.device_count() if devices is None else devices)
-    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
-    arch = Arch.from_config(cfg.model)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_shardings(Llama(arch, layout), tx, layout)
+    program = build_program(cfg, jax.device_count() if devices is None else devices)
+    abstract, shardings, arch = program.abstract_state, program.state_shardings, program.arch
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     return dict(
-        preset=cfg.model.preset, params=n_params, mesh=dict(mesh.shape), devices=mesh.size,
+        preset=cfg.model.preset, params=n_params, mesh=program.plan.shape, devices=program.plan.size,
         param_bytes_per_device=per_device_bytes(abstract.params, shardings.params),
         opt_bytes_per_device=per_device_bytes(abstract.opt_state, shardings.opt_state),
         flops_per_token=flops_per_token(arch, cfg.data.seq_len),

@@ -1,9 +1,9 @@
 """Plan before launch: per-device memory of a training run on a mesh that is not present.
 
-``plan(cfg, devices=256, device_memory=parse_bytes("95GB"))`` answers "does llama3-8b with this mesh
-fit a v5p-512?" on a laptop. The mesh is a :class:`jax.sharding.AbstractMesh` (sizes and names, no
-devices); parameter and optimizer-state shapes come from ``jax.eval_shape`` and are laid out by the
-same logical-axis :class:`Layout` that training uses, so the per-device figures are the shards
+``plan(cfg, devices=256, device_memory=parse_size("95GB", "--device-memory"))`` answers "does
+llama3-8b with this mesh fit a v5p-512?" on a laptop. The program is built by the same builder as
+training (:func:`jaxllama.program.build_program`) on an abstract mesh of ``devices`` (sizes and
+names, no devices), so the per-device figures of parameters and optimizer state are the shards
 training would create. Nothing is materialized.
 
 Activations cannot be read off shapes, so they are *estimated* from the decoder's structure (which
@@ -19,48 +19,19 @@ float32 score matrix for the backward pass.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import jax
-from jax.sharding import AbstractMesh, AxisType
 
-from jaxllama.config import Config, validate_mesh
+from jaxllama.config import Config
 from jaxllama.errors import ConfigError
-from jaxllama.model.llama import Arch, Llama
-from jaxllama.parallel.sharding import Layout, per_device_bytes, rules_from_config
-from jaxllama.train.optimizer import make_optimizer
-from jaxllama.train.step import loss_chunk_size, state_shardings
+from jaxllama.model.llama import Arch
+from jaxllama.parallel.sharding import per_device_bytes
+from jaxllama.program import build_program
+from jaxllama.program.step import loss_chunk_size
 
-AXES = ("data", "fsdp", "tensor")
 GIB = 1024**3
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def parse_bytes(text: str, key: str = "--device-memory") -> int:
-    """``"80GB"`` -> 80e9, ``"80GiB"``/``"80G"`` -> 80 * 2^30, ``"1.5e9"`` -> 1.5e9 bytes.
-
-    SI units are decimal (an "80GB" H100 reads as 74.5 GiB, the conservative side of its 79.6 GiB
-    usable); write GiB for binary.
-    """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 80GB, 95GiB, 16G or a number of bytes")
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"{key}: must be positive, got {text!r}")
-    return int(value)
-
-
-def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
-    """The configured (data, fsdp, tensor) mesh over ``devices`` that need not exist (sizes validated)."""
-    if devices < 1:
-        raise ConfigError(f"--devices: must be a positive number of devices, got {devices}")
-    sizes = validate_mesh(cfg, devices)
-    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def target_arch(cfg: Config) -> Arch:
@@ -128,16 +99,12 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     Returns a dict of byte counts (params, optimizer, gradients, gathered layer weights,
     activations, total) plus the mesh and, when ``device_memory`` is given, ``fits``.
     """
-    if devices is None:
-        devices = jax.device_count()
-    mesh = abstract_mesh(cfg, devices)
-    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
-    arch = target_arch(cfg)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_shardings(Llama(arch, layout), tx, layout)
+    devices = jax.device_count() if devices is None else devices
+    program = build_program(cfg, devices, target_arch(cfg))
+    arch, abstract, shardings = program.arch, program.abstract_state, program.state_shardings
     params = per_device_bytes(abstract.params, shardings.params)
     opt = per_device_bytes(abstract.opt_state, shardings.opt_state)
-    sizes = dict(mesh.shape)
+    sizes = program.plan.shape
     # FSDP gathers one layer's weights (compute dtype, still split over tensor) for its matmuls, and
     # XLA overlaps the next layer's gather with this one: two layers' worth in flight.
     layer_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(abstract.params["layers"]))
@@ -157,7 +124,7 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     return out
 
 
-def check_host_memory(cfg: Config) -> None:
+def check_host_memory(cfg: Config, devices: int) -> None:
     """On CPU every (simulated) device lives in this host's RAM: refuse a run the plan says cannot fit,
     with one line, instead of being killed by the kernel's OOM killer minutes later."""
     if jax.default_backend() != "cpu":
@@ -167,7 +134,7 @@ def check_host_memory(cfg: Config) -> None:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):  # not Linux: no check
         return
-    need = plan(cfg, devices=jax.device_count())["total_bytes"] * jax.local_device_count()
+    need = plan(cfg, devices=devices)["total_bytes"] * min(devices, jax.local_device_count())
     if need > avail:
         raise ConfigError(f"model.preset={cfg.model.preset}: training needs about {need / 2**30:.1f} GiB on this CPU "
                           f"(parameters, AdamW state, gradients, activations: see `jaxllama info`) but "

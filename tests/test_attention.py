@@ -92,12 +92,11 @@ def test_splash_under_shard_map_matches_reference_on_a_mesh():
     import dataclasses
 
     from jaxllama.config import load_config
-    from jaxllama.parallel.mesh import make_mesh
-    from jaxllama.parallel.sharding import Layout, rules_from_config
+    from jaxllama.program import build_program
 
     cfg = load_config(None, ["model.preset=debug", "data.seq_len=128", "mesh.data=2", "mesh.fsdp=2",
                              "mesh.tensor=2", "model.attention=splash"])
-    layout = Layout(make_mesh(cfg), rules_from_config(cfg.mesh.rules))
+    layout = build_program(cfg).layout
     a = arch_for()
     params = random_params(a)
     tokens = np.random.default_rng(2).integers(0, a.vocab_size, (4, 128))

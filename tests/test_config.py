@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from jaxllama.config import config_from_dict, load_config, save_config, validate_mesh
+from jaxllama.config import config_from_dict, load_config, save_config
+from jaxllama.parallel.mesh import MeshPlan
+from jaxllama.program import build_program
 from jaxllama.errors import ConfigError
 
 
@@ -59,19 +61,20 @@ def test_bad_values_name_the_key(overrides, words):
     (["mesh.tensor=3", "mesh.data=1", "mesh.fsdp=1"], 8, ["mesh", "3", "8"]),
     (["mesh.data=3", "mesh.fsdp=-1"], 8, ["mesh", "cannot fill"]),
     (["data.global_batch=7", "mesh.data=8"], 8, ["data.global_batch=7", "8"]),
-    (["mesh.tensor=8", "mesh.fsdp=1"], 8, ["model.n_kv_heads=4", "mesh.tensor=8"]),  # tiny: 8 heads, 4 kv heads
+    (["mesh.tensor=8", "mesh.fsdp=1"], 8, ["kv_heads=4", "tensor=8"]),  # tiny: 8 heads, 4 kv heads
     (["mesh.dcn_data=3"], 8, ["dcn"]),
 ])
 def test_mesh_checks_need_the_device_count(overrides, n, words):
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError) as e:
-        validate_mesh(cfg, n)
+        build_program(cfg, n)  # an abstract mesh of n devices
     for w in words:
         assert w in str(e.value)
 
 
 def test_mesh_fill():
-    assert validate_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=-1"]), 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert MeshPlan.resolve(load_config(None, ["mesh.data=2", "mesh.fsdp=-1"]).mesh, 8).shape == \
+        {"data": 2, "fsdp": 4, "tensor": 1}
 
 
 def test_bad_yaml_file_names_the_line(tmp_path):

@@ -10,11 +10,9 @@ from helpers import random_params
 from jaxllama.config import load_config
 from jaxllama.data.sources import make_source
 from jaxllama.model.llama import Arch, Llama
-from jaxllama.parallel.mesh import make_mesh
-from jaxllama.parallel.sharding import Layout, rules_from_config
-from jaxllama.train.evaluate import evaluate, make_eval_step
+from jaxllama.program import build_program
+from jaxllama.train.evaluate import evaluate
 from jaxllama.train.loop import train
-from jaxllama.train.step import make_loss_fn
 
 
 def _reference_nll(model, params, batches):
@@ -38,10 +36,8 @@ def test_eval_matches_a_direct_log_softmax():
     batches = list(make_source(cfg, split="eval"))
     assert len(batches) == 3
     batches[1]["loss_mask"][:, 10:] = 0  # masked tokens must not count
-    layout = Layout(make_mesh(cfg, jax.devices()[:1]), rules_from_config(cfg.mesh.rules))
-    rep = layout.replicated()
-    step = make_eval_step(make_loss_fn(model, a, 32), rep, rep, rep)
-    got = evaluate(step, params, batches, lambda b: b, lambda: None)
+    program = build_program(cfg, jax.devices()[:1])
+    got = evaluate(program.eval_step, params, batches, program.batch.to_global, lambda: None)
     want = _reference_nll(model, params, batches)
     assert got["eval_batches"] == 3 and got["eval_tokens"] == int(sum(b["loss_mask"].sum() for b in batches))
     np.testing.assert_allclose(got["eval_loss"], want, rtol=1e-5)

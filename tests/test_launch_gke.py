@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxllama.config import load_config, validate_mesh
+from jaxllama.config import load_config
+from jaxllama.program import build_program
 from jaxllama.parallel import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_tpu_multislice_has_the_megascale_and_slice_fields():
     # The shipped command's mesh spans the slices: it validates for 2 slices x 32 chips.
     cfg = config_from(jaxllama_args(container))
     assert cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp * cfg.mesh.dcn_tensor == 2
-    validate_mesh(cfg, 2 * 32)
+    build_program(cfg, 2 * 32)  # an abstract mesh of 64 devices: sizes and shard shapes validate
 
 
 def test_gpu_multinode_has_coordinator_process_count_and_id():
@@ -100,7 +101,7 @@ def test_gpu_multinode_has_coordinator_process_count_and_id():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
     assert jaxllama_args(container)[-1] == "data.name=a b"  # the command survives quoting
-    validate_mesh(config_from(jaxllama_args(container)[:-1]), 2 * 8)
+    build_program(config_from(jaxllama_args(container)[:-1]), 2 * 8)
 
 
 def test_gpu_xla_flags_match_the_slurm_launcher():

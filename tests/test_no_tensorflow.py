@@ -7,7 +7,7 @@ import sys
 
 CODE = r"""
 import sys, tempfile
-import jaxllama, jaxllama.cli, jaxllama.model.llama, jaxllama.train.step, jaxllama.train.loop
+import jaxllama, jaxllama.cli, jaxllama.model.llama, jaxllama.program.step, jaxllama.train.loop
 import jaxllama.checkpoint, jaxllama.convert.api, jaxllama.infer.engine, jaxllama.infer.generate, jaxllama.plan
 from jaxllama.config import load_config
 from jaxllama.train.loop import train

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllama.config import OptimConfig
-from jaxllama.train.optimizer import decay_mask, make_optimizer, make_schedule
+from jaxllama.program.optimizer import decay_mask, make_optimizer, make_schedule
 
 
 def lrs(o, steps):

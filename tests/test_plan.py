@@ -14,7 +14,8 @@ import pytest
 from jaxllama.compile_check import compile_check, compile_train_step, count_collectives, format_report
 from jaxllama.config import load_config
 from jaxllama.errors import ConfigError
-from jaxllama.plan import parse_bytes, plan
+from jaxllama.config import parse_size
+from jaxllama.plan import plan
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3")
 LLAMA3_8B_16 = ["model.preset=llama3-8b", "model.dtype=bfloat16", "model.remat=save_dots", "mesh.data=1",
@@ -30,13 +31,13 @@ def cli(*args, timeout=300):
 @pytest.mark.parametrize("text, value", [("80GB", 80 * 10**9), ("95GiB", 95 * 2**30), ("16G", 16 * 2**30),
                                          ("1.5e9", 1_500_000_000), ("512 MiB", 512 * 2**20)])
 def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
+    assert parse_size(text, "--device-memory") == value
 
 
 @pytest.mark.parametrize("text", ["80XB", "GB", "-3GB", "0", "eighty"])
 def test_parse_bytes_rejects_with_the_option_name(text):
     with pytest.raises(ConfigError, match="--device-memory"):
-        parse_bytes(text)
+        parse_size(text, "--device-memory")
 
 
 def test_compile_check_llama3_8b_on_16_devices_matches_the_plan():

@@ -8,7 +8,7 @@ import pytest
 from jaxllama.config import load_config
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.model.presets import PRESETS
-from jaxllama.train.step import abstract_params
+from jaxllama.program.step import abstract_params
 
 # Published counts (model cards / the released checkpoints' tensor sizes).
 PUBLISHED = {

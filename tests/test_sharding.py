@@ -55,10 +55,10 @@ def test_params_move_in_one_step(reference, make_cfg):
 
 
 def test_multislice_mesh_on_simulated_devices(make_cfg):
-    from jaxllama.parallel.mesh import make_mesh
+    from jaxllama.program import build_program
 
     cfg = make_cfg("mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
-    mesh = make_mesh(cfg)
+    mesh = build_program(cfg).mesh
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     # each slice (4 consecutive devices) sits on one side of the data (DCN) axis
     ids = np.vectorize(lambda d: d.id)(mesh.devices)

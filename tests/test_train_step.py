@@ -11,7 +11,7 @@ import pytest
 from helpers import arch_for, random_params
 from jaxllama.data.synthetic import SyntheticSource
 from jaxllama.model.llama import Llama, stack_layers, unstack_layers
-from jaxllama.train.step import TrainState, chunked_cross_entropy, loss_chunk_size, make_loss_fn, make_train_step
+from jaxllama.program.step import TrainState, chunked_cross_entropy, loss_chunk_size, make_loss_fn, make_train_step
 
 
 def batch_for(a, b=8, t=32, seed=0):

@@ -131,17 +131,3 @@ def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, ggu
         from jaxllama.convert.jaxllama_format import write_jaxllama
 
         return write_jaxllama(src, dst_path)
-
-
-def parse_size(text: str) -> int:
-    """``--shard-size`` values: bytes, or with a KB/MB/GB (10^3) or KiB/MiB/GiB (2^10) suffix."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    try:
-        value = float(num) * units[t[len(num):]]
-    except (ValueError, KeyError):
-        raise ConfigError(f"--shard-size: {text!r} is not a size like 5GB, 500MiB or 1000000") from None
-    if value <= 0:
-        raise ConfigError(f"--shard-size: must be positive, got {text}")
-    return int(value)

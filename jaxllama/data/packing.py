@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ROW_KEYS = ("tokens", "targets", "segment_ids", "positions")
+from jaxllama.data.batch import ROW_KEYS
 
 
 class Packer:

@@ -1,15 +1,16 @@
-"""``data.source`` -> an iterator of this process's numpy batches (with ``state()``/``restore()``).
+"""``data.source`` -> a :class:`BatchSource`: this process's numpy batches, with an exact position.
 
-Batches are dicts of [local_batch, seq_len] arrays: tokens, targets, segment_ids, positions,
-loss_mask, where local_batch = global_batch / process_count. TensorFlow is imported only when a
-text source is built, so the synthetic source (benchmarks, the GPU machine) needs none.
+Batches are dicts of [local_batch, seq_len] arrays (:mod:`jaxllama.data.batch`), where local_batch
+= global_batch / process_count. TensorFlow is imported only when a text source is built, so the
+synthetic source (benchmarks, the GPU machine) needs none.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 from jaxllama.config import Config
 from jaxllama.data.corpus import SourceSpec
@@ -22,6 +23,21 @@ STDLIB_MAX_VOCAB = 8192
 EVAL_SEED_OFFSET = 1_000_003  # synthetic eval batches come from a different stream than training's
 
 
+class BatchSource(Protocol):
+    """What the training loop and the evaluators ask of a data source (text or synthetic)."""
+
+    tok: Any  # the tokenizer (copied into the run dir), or None
+    efficiency: float | None  # real tokens / slots of the last batch (packing), or None
+    bad: Any  # a BadRecords counter (data.skip_bad_records), or None
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def describe(self) -> str: ...
+    def state(self) -> dict: ...  # JSON-serializable position after the last batch handed out
+    def restore(self, state: dict) -> None: ...
+    def empty_batch(self) -> dict[str, np.ndarray]: ...  # padding only: a dry process's share of an eval
+    def close(self) -> None: ...
+
+
 def local_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ConfigError(f"data.global_batch={global_batch} must be divisible by the {process_count} processes")
@@ -29,7 +45,7 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_source(cfg: Config, split: str = "train", process_index: int | None = None,
-                process_count: int | None = None) -> Any:
+                process_count: int | None = None) -> BatchSource:
     """The batch iterator for ``split`` ("train": endless; "eval": one pass over the eval documents).
 
     Eval data is ``data.eval_source`` when set, else the held-out ``data.eval_fraction`` of

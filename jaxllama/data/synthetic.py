@@ -17,7 +17,11 @@ LANGUAGE_SEED = 1234  # the chain itself is fixed; train.seed only changes which
 
 
 class SyntheticSource:
-    """Yields this process's rows of each global batch: tokens, targets, segment_ids, positions, loss_mask."""
+    """Yields this process's rows of each global batch (:mod:`jaxllama.data.batch`'s arrays)."""
+
+    tok = None  # no tokenizer: ids are the model's vocabulary
+    efficiency = None  # no packing
+    bad = None  # no records to be bad
 
     def describe(self) -> str:
         return f"data: synthetic tokens (a random Zipf-like language, seed {self.seed}), {self.seq_len}-token rows"
@@ -69,3 +73,6 @@ class SyntheticSource:
 
     def restore(self, state: dict) -> None:
         self.position = int(state["position"])
+
+    def close(self) -> None:
+        pass

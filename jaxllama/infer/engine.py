@@ -6,8 +6,9 @@ attends to slots up to it). The decode loop runs in chunks of ``chunk`` steps in
 ``while_loop`` (which exits early once every row is done); between chunks the host reads the new
 tokens, to stream them and to check stop strings. ``chunk`` large enough means a single call.
 
-The cache is [layers, batch, cache_len, kv_heads, head_dim], sharded by the same logical rules as
-the model (batch over ``data``, kv heads over ``tensor``).
+The cache is [layers, batch, cache_len, kv_heads, head_dim] (:data:`jaxllama.program.CACHE_AXES`),
+sharded by the same logical rules as the model: batch as the batch, kv heads as the ``kv_heads``
+rule says (over ``tensor`` by default; ``[kv_heads, null]`` keeps them whole on every device).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from jaxllama.errors import ConfigError
 from jaxllama.infer.sampling import Sampling, sample
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.parallel.sharding import Layout
+from jaxllama.program import CACHE_AXES
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 HOST_VIEW = ("out", "logprobs", "n", "done", "stopped")  # state the host reads after each chunk
 PROMPT_BUCKET = 16  # prompt lengths and cache lengths round up to this, to reuse compilations
 
@@ -252,16 +253,12 @@ class Engine:
     # -- placement --------------------------------------------------------------------------------
 
     def _batch_shards(self) -> int:
-        if self.layout.mesh is None:
-            return 1
-        axes = self.layout.mesh_axes("batch")
-        axes = (axes,) if isinstance(axes, str) else (axes or ())
-        return int(np.prod([self.layout.mesh.shape[a] for a in axes]))
+        return self.layout.shards("activation_batch")
 
     def _batch_sharding(self):
         if self.layout.mesh is None:
             return None
-        return self.layout.sharding(("batch",))
+        return self.layout.sharding(("activation_batch",))
 
 
 def _put(host: np.ndarray, sharding) -> jax.Array:

@@ -3,8 +3,8 @@
 The data go through the training input pipeline (``make_source(cfg, split="eval")``, with
 ``--data`` as ``data.eval_source``), so tokenization, packing and loss masks are exactly what
 training sees; the step and the loop are the training loop's own eval (``jaxllama.train.evaluate``:
-the training loss function, summed over ``loss_mask``), jitted with the batch sharded over ``data``
-and the model over ``tensor``.
+the training loss function, summed over ``loss_mask``), as the program built for the inference mesh
+(``--mesh``, ``--rules``) jits it.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
-import jax
-import numpy as np
-
 from jaxllama.config import config_from_dict
 from jaxllama.errors import ConfigError
-from jaxllama.infer.placement import inference_arch, inference_layout, param_shardings, parse_mesh, place_params
-from jaxllama.model.llama import Arch, Llama
+from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
+from jaxllama.model.llama import Arch
 from jaxllama.train.evaluate import evaluate as run_eval
-from jaxllama.train.evaluate import make_eval_step
-from jaxllama.train.step import BATCH_KEYS, make_loss_fn
 
 
 def eval_config(model_cfg, data: str, tokenizer: str | None, seq_len: int, batch: int, overrides: Sequence[str]):
@@ -42,7 +37,8 @@ def eval_config(model_cfg, data: str, tokenizer: str | None, seq_len: int, batch
 
 def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
              seq_len: int | None = None, batch: int = 8, max_batches: int = 0, overrides: Sequence[str] = (),
-             devices: list | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
+             devices: list | None = None, say: Callable[[str], None] = lambda _: None,
+             rules: list | None = None) -> dict:
     """Sum NLL and token counts over the eval pass (or ``max_batches``); returns the summary dict.
 
     ``seq_len`` defaults to 512 tokens per row, or the model's context when shorter.
@@ -56,30 +52,19 @@ def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | No
     seq_len = seq_len or min(512, loaded.model_cfg.max_position)
     cfg = eval_config(loaded.model_cfg, data, tokenizer or loaded.tokenizer_path, seq_len, batch, overrides)
     arch = inference_arch(Arch.from_config(cfg.model), dtype)
-    layout = inference_layout(arch, parse_mesh(mesh), devices)
-    shards = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-    if batch % shards:
-        raise ConfigError(f"--batch {batch}: must be divisible by mesh data x fsdp = {shards}")
-    params = place_params(loaded.params, arch, layout)
-    loss_fn = make_loss_fn(Llama(arch, layout), arch, seq_len)
-    sharding = layout.batch_sharding()
-    step = make_eval_step(loss_fn, param_shardings(arch, layout), {k: sharding for k in BATCH_KEYS},
-                          layout.replicated())
-
-    def to_global(local: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]),
-                                                          (batch,) + np.shape(local[k])[1:]) for k in BATCH_KEYS}
-
+    program = inference_program(arch, parse_mesh(mesh), devices, rules, data=cfg.data)
+    params = place_params(loaded.params, arch, program.layout)
     source = make_source(cfg, split="eval")
     start = time.perf_counter()
     try:
-        r = run_eval(step, params, source, to_global, getattr(source, "empty_batch", None), max_batches or None)
+        r = run_eval(program.eval_step, params, source, program.batch.to_global, source.empty_batch,
+                     max_batches or None)
     finally:
-        getattr(source, "close", lambda: None)()
+        source.close()
     count = r["eval_tokens"]
     if count == 0:
         raise ConfigError(f"--data {data}: no evaluation tokens (empty source or every position masked)")
     say(f"{r['eval_batches']} batches, {count:,} tokens")
     return dict(model=model, data=data, batches=r["eval_batches"], tokens=count, mean_nll=r["eval_loss"],
                 perplexity=r["eval_ppl"], seconds=time.perf_counter() - start,
-                mesh=dict(layout.mesh.shape), dtype=arch.dtype)
+                mesh=program.plan.shape, dtype=arch.dtype)

@@ -18,7 +18,7 @@ import jax
 from jaxllama.errors import ConfigError
 from jaxllama.infer.chat import chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
-from jaxllama.infer.placement import inference_arch, inference_layout, parse_mesh, place_params
+from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling
 from jaxllama.model.llama import Arch, unstack_layers
 
@@ -33,8 +33,9 @@ class Loaded:
 
 
 def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
-         devices: list | None = None) -> Loaded:
-    """Read MODEL (jaxllama/HF/Meta/GGUF), place it sharded on the inference mesh, open its tokenizer."""
+         devices: list | None = None, rules: list | None = None) -> Loaded:
+    """Read MODEL (jaxllama/HF/Meta/GGUF), place it sharded on the inference mesh (``--mesh``, laid out
+    by ``rules``: default the training defaults), open its tokenizer."""
     from jaxllama.convert import load_model
     from jaxllama.data.tokenizers import load_tokenizer
 
@@ -47,7 +48,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     if tok.vocab_size > arch.vocab_size:
         raise ConfigError(f"--tokenizer {tok_path}: {tok.vocab_size} tokens, but the model's vocabulary has "
                           f"{arch.vocab_size}")
-    layout = inference_layout(arch, parse_mesh(mesh), devices)
+    layout = inference_program(arch, parse_mesh(mesh), devices, rules).layout
     params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout)  # numpy views, no copy
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 

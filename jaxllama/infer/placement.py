@@ -1,74 +1,69 @@
-"""The inference mesh and parameter placement: ``--mesh data=1,tensor=4`` -> a Layout, params in shards.
+"""The inference program and parameter placement: ``--mesh data=1,tensor=4`` (+ ``--rules``) -> a
+:class:`jaxllama.program.Program` over the first data x fsdp x tensor devices, and params in its shards.
 
-Inference uses the training code's logical rules unchanged (``jaxllama.config.DEFAULT_RULES``):
-kv heads, heads, mlp and vocab over ``tensor``, batch over ``data`` (and ``fsdp``, which is 1 here
-unless asked for). The mesh takes the first data x fsdp x tensor devices.
+Inference is laid out by the same builder and logical rules as training (default:
+``jaxllama.config.DEFAULT_RULES``; ``--rules`` takes a run's), so the shard-shape checks, the error
+messages and the KV cache's sharding (it follows the ``kv_heads`` rule) are training's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh
 
-from jaxllama.config import DEFAULT_RULES, indivisible_dim
+from jaxllama.config import DEFAULT_RULES, Config, DataConfig, MeshConfig, ModelConfig
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, Llama
-from jaxllama.parallel.sharding import Layout, rules_from_config
-
-AXES = ("data", "fsdp", "tensor")
-
-
-def parse_mesh(text: str | None) -> dict[str, int]:
-    """``"data=1,tensor=4"`` -> sizes for data, fsdp, tensor (unnamed axes are 1; None -> auto)."""
-    sizes = {a: 1 for a in AXES}
-    if not text:
-        return {}
-    for part in text.split(","):
-        key, sep, value = part.strip().partition("=")
-        if not sep or key not in AXES:
-            raise ConfigError(f"--mesh: expected comma-separated axis=size with axes {', '.join(AXES)}, got {text!r}")
-        try:
-            sizes[key] = int(value)
-        except ValueError:
-            raise ConfigError(f"--mesh: {key}={value!r} is not an integer") from None
-        if sizes[key] < 1:
-            raise ConfigError(f"--mesh: {key} must be >= 1, got {sizes[key]}")
-    return sizes
+from jaxllama.parallel.mesh import AXES, parse_mesh  # noqa: F401  (parse_mesh: the CLI's --mesh)
+from jaxllama.parallel.sharding import Layout
+from jaxllama.program import Program, build_program
+from jaxllama.program.step import abstract_params
 
 
-def _divisible(a: Arch, tp: int) -> bool:
-    return all(getattr(a, k) % tp == 0 for k in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"))
+def inference_program(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None,
+                      rules: list | None = None, data: DataConfig | None = None) -> Program:
+    """The program of ``a`` on a ``sizes`` mesh (None: the widest tensor split the shapes allow).
 
-
-def auto_mesh(a: Arch, n_devices: int) -> dict[str, int]:
-    """No ``--mesh``: the widest tensor split of the available devices that the model's shapes allow."""
-    tp = max(t for t in range(1, n_devices + 1) if n_devices % t == 0 and _divisible(a, t))
-    return {"data": 1, "fsdp": 1, "tensor": tp}
-
-
-def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None) -> Layout:
-    """A Layout over the first data x fsdp x tensor devices, checked against the model's shapes."""
+    ``data``: the batch the program runs (eval); by default one row per device and one token, the
+    smallest batch every rule can split (the engine pads its batches to the batch shards)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = sizes or auto_mesh(a, len(devices))
-    n = int(np.prod([sizes[k] for k in AXES]))
+    if not sizes:
+        return _widest(a, devices, rules, data)
+    n = math.prod(sizes[k] for k in AXES)
+    desc = ",".join(f"{k}={sizes[k]}" for k in AXES)
     if n > len(devices):
         raise ConfigError(f"--mesh: {'x'.join(str(sizes[k]) for k in AXES)} = {n} devices, but only "
                           f"{len(devices)} are available")
-    bad = indivisible_dim(a, sizes)
-    if bad:
-        key, size, axis, axis_size = bad
-        raise ConfigError(f"--mesh: {axis}={axis_size} does not divide the model's {key}={size}")
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
                           f"devices, got {n}")
-    grid = np.asarray(devices[:n], dtype=object).reshape(tuple(sizes[k] for k in AXES))
-    mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-    return Layout(mesh, rules_from_config(DEFAULT_RULES))
+    model = ModelConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Arch)})
+    cfg = Config(model=model, mesh=MeshConfig(**sizes, rules=list(rules or DEFAULT_RULES)),
+                 data=data or DataConfig(seq_len=1, global_batch=n))
+    try:
+        return build_program(cfg, devices[:n], arch=a)
+    except ConfigError as e:
+        raise ConfigError(f"--mesh {desc}: {e}") from None
+
+
+def _widest(a: Arch, devices: list, rules: list | None, data: DataConfig | None) -> Program:
+    for tp in sorted((t for t in range(1, len(devices) + 1) if len(devices) % t == 0), reverse=True):
+        try:
+            return inference_program(a, {"data": 1, "fsdp": 1, "tensor": tp}, devices, rules, data)
+        except ConfigError:
+            if tp == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None,
+                     rules: list | None = None) -> Layout:
+    return inference_program(a, sizes, devices, rules).layout
 
 
 def inference_arch(a: Arch, dtype: str | None = None, scan_layers: bool | None = None) -> Arch:
@@ -88,8 +83,7 @@ def inference_arch(a: Arch, dtype: str | None = None, scan_layers: bool | None =
 
 def param_shardings(a: Arch, layout: Layout) -> Any:
     """NamedShardings for the canonical tree, from the model's logical axis names."""
-    boxed = jax.eval_shape(lambda: Llama(a).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return layout.tree_shardings(boxed)
+    return layout.tree_shardings(abstract_params(Llama(a)))
 
 
 def place_params(params: Any, a: Arch, layout: Layout) -> Any:

@@ -25,7 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
-from jaxllama.parallel.sharding import Layout
+from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout
+
+# Activations carry activation_* logical names (see jaxllama/parallel/sharding.py); weights the plain ones.
+Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")  # also the cache
 
 F32 = jnp.float32
 _REMAT = {
@@ -149,16 +153,16 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, a.n_heads, a.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, a.n_kv_heads, a.head_dim), cos, sin)
         v = v.reshape(b, t, a.n_kv_heads, a.head_dim)
-        q = self.layout.constrain(q, ("batch", "length", "heads", "head_dim"))
-        k = self.layout.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = self.layout.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = self.layout.constrain(q, Q_AXES)
+        k = self.layout.constrain(k, KV_AXES)
+        v = self.layout.constrain(v, KV_AXES)
         if cache is not None:
             cache = write_cache(cache, k, v, positions, self.layout)
         if cache is not None and t == 1:
             out = cached_attention(q, cache[0], cache[1], positions)
         else:
             out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
-                         self.layout.mesh_axes("batch"), self.layout.mesh_axes("heads"))
+                         self.layout.mesh_axes("activation_batch"), self.layout.mesh_axes("activation_heads"))
         out = Linear(a, a.dim, ("heads", "embed"), std=out_std, name="o_proj")(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
@@ -187,7 +191,7 @@ class Block(nn.Module):
             attn, cache = attn
         h = x + attn
         out = h + MLP(self.a, name="mlp")(RMSNorm(self.a, name="post_attention_layernorm")(h))
-        return self.layout.constrain(out, ("batch", "length", "embed")), cache
+        return self.layout.constrain(out, RESIDUAL_AXES), cache
 
 
 class Embed(nn.Module):
@@ -252,7 +256,7 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(self.a, positions)
-        x = self.layout.constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
+        x = self.layout.constrain(self.embed_tokens(tokens), RESIDUAL_AXES)
         if self.a.scan_layers:
             x, cache = self.layers(x, cos, sin, segment_ids, cache, positions)
         else:
@@ -279,7 +283,6 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
     A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice; a decode step scatters
     each row's single token to its own slot (rows advance independently).
     """
-    names = ("batch", "length", "kv_heads", "head_dim")
     out = []
     for c, new in ((cache[0], k), (cache[1], v)):
         new = new.astype(c.dtype)
@@ -287,7 +290,7 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
             c = jax.lax.dynamic_update_slice(c, new, (0, 0, 0, 0))
         else:
             c = c.at[jnp.arange(c.shape[0]), positions[:, 0]].set(new[:, 0], mode="drop")
-        out.append(layout.constrain(c, names))
+        out.append(layout.constrain(c, KV_AXES))
     return out[0], out[1]
 
 

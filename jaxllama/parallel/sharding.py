@@ -1,36 +1,60 @@
 """Logical axis names -> mesh shardings, for parameters, optimizer state, batches and activations.
 
-The model only ever names *logical* axes (``batch, length, embed, heads, kv_heads, head_dim, mlp,
-vocab, layers``). A :class:`Layout` (mesh + rules from ``mesh.rules``) turns those names into
-``NamedSharding``s; this file is the whole sharding story.
+The model only ever names *logical* axes. Weights use ``embed, heads, kv_heads, head_dim, mlp,
+vocab, layers``; activations (and the batch, and the KV cache) use their own ``activation_*``
+names (MaxText's convention), so a rule for a weight's ``embed`` can never change how the residual
+stream is laid out, whatever order the rules come in. An ``activation_X`` without a rule of its own
+follows ``X``'s rule (``[kv_heads, null]`` replicates the KV heads' weights, activations and cache
+alike), except ``activation_embed``, which stays whole unless a rule says otherwise: the weights'
+``embed -> fsdp`` split is a storage choice, not a compute one.
+
+A :class:`Layout` (mesh + rules from ``mesh.rules``) turns names into ``NamedSharding``s, and
+:func:`check_divisible` refuses, in one line, the first array dimension a layout cannot split
+evenly. This file is the whole sharding story.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-BATCH_AXES = ("batch", "length")
+from jaxllama.errors import ConfigError
+
+ACTIVATION = "activation_"
+BATCH_AXES = ("activation_batch", "activation_length")  # a [batch, seq_len] input array
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+# Activation names that do not follow their weight name's rule unless a rule names them.
+_ACTIVATION_DEFAULTS = {"activation_embed": None}
+_WEIGHT_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
 
 
 def rules_from_config(rules: list) -> tuple[tuple[str, Any], ...]:
-    """``[["batch", ["data", "fsdp"]], ...]`` (YAML) -> hashable Flax rules."""
-    out = []
-    for name, axes in rules:
-        out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    """``[["batch", ["data", "fsdp"]], ...]`` (YAML) -> hashable Flax rules, with the ``activation_*``
+    rules derived from the weight rules where none is given (see the module docstring)."""
+    out = [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules]
+    named = {name for name, _ in out}
+    for base in _WEIGHT_NAMES:
+        act = ACTIVATION + base
+        if act in named:
+            continue
+        if act in _ACTIVATION_DEFAULTS:
+            out.append((act, _ACTIVATION_DEFAULTS[act]))
+        else:
+            out += [(act, axes) for name, axes in out if name == base]
     return tuple(out)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A mesh plus logical-axis rules. ``mesh=None`` means unsharded (constraints are no-ops)."""
+    """A mesh (real or abstract) plus logical-axis rules. ``mesh=None``: unsharded (constraints are no-ops)."""
 
-    mesh: Mesh | None
+    mesh: Any
     rules: tuple[tuple[str, Any], ...] = ()
 
     def spec(self, names: tuple[str | None, ...]) -> PartitionSpec:
@@ -48,6 +72,12 @@ class Layout:
         """The mesh axes one logical name maps to (None: replicated)."""
         return self.spec((name,))[0]
 
+    def shards(self, name: str) -> int:
+        """Into how many pieces ``name`` is split (1 when replicated or unsharded)."""
+        axes = self.mesh_axes(name) if self.mesh is not None else None
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        return math.prod(self.mesh.shape[a] for a in axes)
+
     # -- trees ---------------------------------------------------------------------------------
 
     def tree_shardings(self, boxed_abstract: Any) -> Any:
@@ -63,6 +93,33 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
+def boxed_shapes(boxed_abstract: Any) -> list[tuple[str, tuple[int, ...], tuple[str | None, ...]]]:
+    """``(path, shape, logical names)`` of every leaf of a boxed abstract tree, e.g.
+    ``("layers/self_attn/k_proj/kernel", (4, 256, 128), ("layers", "embed", "kv_heads"))``."""
+    leaves = jax.tree_util.tree_flatten_with_path(boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    out = []
+    for path, box in leaves:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        value = box.unbox() if isinstance(box, nn.Partitioned) else box
+        names = tuple(box.names) if isinstance(box, nn.Partitioned) else (None,) * len(value.shape)
+        out.append((name, tuple(value.shape), names))
+    return out
+
+
+def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...], tuple[str | None, ...]]]) -> None:
+    """One-line ConfigError for the first dimension the layout splits unevenly, naming the array, its
+    logical axis, the mesh axes and the sizes: ``layers/self_attn/k_proj/kernel: kv_heads=512 over
+    tensor=3 does not divide``. Whatever the rules are, built-in or custom, this is the check."""
+    for name, shape, names in arrays:
+        for size, logical, axes in zip(shape, names, layout.spec(names)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            n = math.prod(layout.mesh.shape[a] for a in axes)
+            if size % n:
+                mesh = ", ".join(f"{k}={v}" for k, v in layout.mesh.shape.items())
+                raise ConfigError(f"{name}: {logical}={size} over {' x '.join(axes)}={n} does not divide (mesh {mesh});"
+                                  f" change mesh.rules for {logical.removeprefix(ACTIVATION)} or the mesh sizes")
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,
                         replicated: NamedSharding) -> Any:
     """Optimizer moments take their parameter's sharding; counters and scalars are replicated."""
@@ -72,11 +129,5 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
 
 def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
     """Bytes one device holds for ``abstract_tree`` laid out by ``shardings`` (largest shard)."""
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-        shape = sharding.shard_shape(leaf.shape)
-        n = 1
-        for s in shape:
-            n *= s
-        total += n * leaf.dtype.itemsize
-    return total
+    return sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))

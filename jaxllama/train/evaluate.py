@@ -1,7 +1,8 @@
 """Mean NLL and perplexity of parameters over an eval source (used by the loop and `jaxllama eval`).
 
-The eval step reuses the training loss function (same chunked cross-entropy, same masking), so an
-eval loss and a training loss on the same batch are the same number.
+The eval step is the program's (:attr:`jaxllama.program.Program.eval_step`): the training loss
+function (same chunked cross-entropy, same masking), so an eval loss and a training loss on the same
+batch are the same number.
 """
 
 from __future__ import annotations
@@ -11,16 +12,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
-
-
-def make_eval_step(loss_fn: Callable, param_shardings: Any, batch_sharding: Any, replicated: Any) -> Callable:
-    """``eval_step(params, batch) -> (nll_sum, n_tokens)``, jitted with the given shardings."""
-
-    def eval_step(params, batch):
-        _, (nll, n) = loss_fn(params, batch)
-        return nll, n
-
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=(replicated, replicated))
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], to_global: Callable[[dict], dict],
@@ -57,19 +48,14 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], to_globa
 
 
 class Evaluator:
-    """Periodic eval inside the training loop: a fresh pass over the eval source each time."""
+    """Periodic eval inside the training loop: a fresh pass over the eval source each time, through
+    the program's eval step (the training loss function)."""
 
-    def __init__(self, cfg, trainer):
+    def __init__(self, program):
         from jaxllama.data.sources import make_source
-        from jaxllama.train.step import make_loss_fn
 
-        self.cfg, self.trainer, self.make_source = cfg, trainer, make_source
-        t = cfg.train
-        loss_fn = make_loss_fn(trainer.model, trainer.arch, cfg.data.seq_len, 0.0, t.loss_chunk)
-        layout = trainer.layout
-        batch_sh = {k: layout.batch_sharding() for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
-        self.step = make_eval_step(loss_fn, trainer.state_shardings.params, batch_sh, layout.replicated())
-        make_source(cfg, split="eval")  # fail now, not at the first eval, if the eval data is missing
+        self.program, self.cfg, self.make_source = program, program.cfg, make_source
+        make_source(self.cfg, split="eval")  # fail now, not at the first eval, if the eval data is missing
 
     def due(self, step: int) -> bool:
         t = self.cfg.train
@@ -78,10 +64,10 @@ class Evaluator:
     def __call__(self, params) -> dict[str, float]:
         source = self.make_source(self.cfg, split="eval")
         try:
-            return evaluate(self.step, params, source, self.trainer.global_batch, source.empty_batch,
-                            self.cfg.train.eval_batches or None)
+            return evaluate(self.program.eval_step, params, source, self.program.batch.to_global,
+                            source.empty_batch, self.cfg.train.eval_batches or None)
         finally:
-            getattr(source, "close", lambda: None)()
+            source.close()
 
 
 def wants_eval(cfg) -> bool:

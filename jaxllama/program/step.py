@@ -1,4 +1,4 @@
-"""Loss, train state and the train step: pure functions, jitted by the loop with shardings.
+"""Loss, train state and the train step: pure functions, jitted with shardings by :mod:`jaxllama.program`.
 
 The loss never builds a float32 [batch, seq, vocab] tensor for large vocabularies: the LM head and
 cross-entropy run over sequence chunks inside a rematerialized scan, so only one chunk's logits
@@ -7,6 +7,7 @@ exist at a time, forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,7 +19,6 @@ from flax import struct
 from jaxllama.model.llama import Arch, Llama, head_kernel
 from jaxllama.parallel.sharding import Layout, opt_state_shardings
 
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 F32 = jnp.float32
 
 
@@ -77,7 +77,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
                     grad_accum: int = 1, layout: Layout = Layout(None)) -> Callable:
     """One optimizer step over a global batch, accumulating ``grad_accum`` micro-batches with scan.
 
-    A non-finite loss or gradient leaves params and optimizer state unchanged (``finite`` = 0).
+    A non-finite loss or gradient leaves params and optimizer state unchanged (``finite`` = 0), so
+    the optimizer's own step count is the number of updates applied; the logged ``lr`` is the
+    schedule at that count, the rate this step applied (``state.step`` counts skipped steps too).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -88,7 +90,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
         def split(x):  # rows j, j+k, j+2k, ... form micro-batch j: every batch shard feeds each one
             x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-            return layout.constrain(x, (None, "batch", "length"))
+            return layout.constrain(x, (None, "activation_batch", "activation_length"))
 
         def body(carry, micro):
             (_, (nll, n)), g = grad_fn(params, micro)
@@ -110,16 +112,32 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state))
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=n,
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(schedule_count(state.opt_state, state.step)), tokens=n,
                        finite=finite.astype(jnp.int32))
         return new_state, metrics
 
     return train_step
 
 
+def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The updates applied so far: the first ``count`` in the optimizer state (Optax's schedule and Adam
+    states keep one; a skipped step leaves it unchanged), or ``default`` for an optimizer without one."""
+    def counted(x):
+        return hasattr(x, "_fields") and "count" in x._fields
+
+    found = [x.count for x in jax.tree.leaves(opt_state, is_leaf=counted) if counted(x)]
+    return found[0] if found else default
+
+
+def _init_model(model: Llama) -> Llama:
+    """The model that creates parameters: unsharded, with the reference attention (parameters do not
+    depend on the kernel, and a length-1 trace is below what the TPU splash kernel accepts)."""
+    return model.clone(layout=Layout(None), a=dataclasses.replace(model.a, attention="xla"))
+
+
 def abstract_params(model: Llama, seq_len: int = 1) -> Any:
     """Parameter shapes with their logical-axis boxes, never materialized."""
-    unsharded = model.clone(layout=Layout(None))
+    unsharded = _init_model(model)
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.eval_shape(lambda t: unsharded.init(jax.random.key(0), t)["params"], tokens)
 
@@ -138,7 +156,7 @@ def state_shardings(model: Llama, tx: optax.GradientTransformation, layout: Layo
 def init_state(model: Llama, tx: optax.GradientTransformation, layout: Layout, seed: int) -> tuple[TrainState, TrainState]:
     """Parameters and optimizer state created directly in their shards (jit with out_shardings)."""
     _, shardings = state_shardings(model, tx, layout)
-    unsharded = model.clone(layout=Layout(None))
+    unsharded = _init_model(model)
 
     def init(key):
         params = nn.unbox(unsharded.init(key, jnp.zeros((1, 1), jnp.int32))["params"])

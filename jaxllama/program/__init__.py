@@ -1,0 +1,157 @@
+"""THE builder: a resolved config + devices -> one frozen :class:`Program`, validated once.
+
+``build_program(cfg, devices)`` assembles, in this order and nowhere else: the mesh plan (sizes,
+DCN x ICI), the mesh over ``devices`` (real, simulated, a TPU topology's, or an int: an abstract
+mesh of that many devices), the layout (mesh + rules), the arch and model, the optimizer and
+schedule, the abstract train state and its shardings, the batch spec, the loss and the jitted train
+and eval steps. Training, ``compile-check``, ``info`` and the plan, eval (training-time and CLI),
+``train.init_from`` and inference placement all ask it.
+
+Validation happens here because only here are the layout and the shapes both known: every
+parameter's and activation's shard shape is checked under the configured rules and mesh, and the
+first dimension that does not divide is refused in one line naming the array and logical axis.
+
+This package also holds the pieces the program is made of: :mod:`.step` (loss, state, train step)
+and :mod:`.optimizer` (AdamW, schedules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxllama.config import Config
+from jaxllama.data.batch import BATCH_DTYPES
+from jaxllama.errors import ConfigError
+from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama
+from jaxllama.parallel.mesh import MeshPlan
+from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, boxed_shapes, check_divisible,
+                                        rules_from_config)
+from jaxllama.program.optimizer import make_optimizer
+from jaxllama.program.step import TrainState, abstract_params, init_state, make_loss_fn, make_train_step, state_shardings
+
+# The activations the model constrains (and so the layout must split evenly), per token:
+# [batch, length, ...] plus these trailing dims. The KV cache uses the k/v names (CACHE_AXES).
+_ACTIVATIONS = {"activations/residual": RESIDUAL_AXES, "activations/q": Q_AXES, "activations/k_v": KV_AXES}
+# The KV cache: [layers, batch, cache_len, kv_heads, head_dim] (scanned) or per layer without "layers".
+CACHE_AXES = ("layers",) + KV_AXES
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """The global batch: keys and dtypes (:mod:`jaxllama.data.batch`), shape, sharding, assembly."""
+
+    rows: int
+    seq_len: int
+    sharding: Any
+
+    def shardings(self) -> dict[str, Any]:
+        return {k: self.sharding for k in BATCH_DTYPES}
+
+    def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct((self.rows, self.seq_len), dt, sharding=self.sharding)
+                for k, dt in BATCH_DTYPES.items()}
+
+    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays split over the batch axes (every process calls it)."""
+        return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(local[k], dt),
+                                                          (self.rows,) + np.shape(local[k])[1:])
+                for k, dt in BATCH_DTYPES.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """Everything a run is made of, built once by :func:`build_program`. Holds no arrays."""
+
+    cfg: Config
+    plan: MeshPlan
+    layout: Layout
+    arch: Arch
+    model: Llama
+    tx: Any
+    schedule: Callable
+    abstract_state: TrainState  # ShapeDtypeStructs
+    state_shardings: TrainState
+    batch: BatchSpec
+    loss_fn: Callable
+    train_step: Callable  # jitted: (state, batch) -> (state, metrics); donates the state
+    eval_step: Callable  # jitted: (params, batch) -> (nll_sum, n_tokens)
+
+    @property
+    def mesh(self) -> Any:
+        return self.layout.mesh
+
+    def abstract_inputs(self) -> tuple[TrainState, dict]:
+        """(state, batch) as ShapeDtypeStructs carrying their shardings: what ``lower`` needs, unallocated."""
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             self.abstract_state, self.state_shardings)
+        return state, self.batch.abstract()
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shards."""
+        return init_state(self.model, self.tx, self.layout, self.cfg.train.seed if seed is None else seed)[0]
+
+
+def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | None = None) -> Program:
+    """Build and validate the program of ``cfg`` on ``devices`` (default: all of JAX's; an int: an
+    abstract mesh of that many devices). ``arch`` overrides the model config's (inference dtypes)."""
+    n = (jax.device_count() if devices is None else devices) if isinstance(devices, (int, type(None))) else len(devices)
+    plan = MeshPlan.resolve(cfg.mesh, n)
+    mesh = plan.abstract() if isinstance(devices, int) else plan.build(jax.devices() if devices is None else devices)
+    layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
+    arch = arch or Arch.from_config(cfg.model)
+    model = Llama(arch, layout)
+    d, t = cfg.data, cfg.train
+    rows = layout.shards("activation_batch")
+    if d.global_batch % (rows * t.grad_accum):
+        raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by the batch shards "
+                          f"({layout.mesh_axes('activation_batch')} = {rows})"
+                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""))
+    check_shapes(layout, arch, model, d.global_batch // t.grad_accum, d.seq_len)
+    tx, schedule = make_optimizer(cfg.optim, t.steps)
+    abstract, shardings = state_shardings(model, tx, layout)
+    batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
+    loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk)
+    step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout)
+    train_step = jax.jit(step, in_shardings=(shardings, batch.shardings()),
+                         out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
+
+    def eval_fn(params, batch):
+        _, (nll, n_tokens) = loss_fn(params, batch)
+        return nll, n_tokens
+
+    eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch.shardings()),
+                        out_shardings=(layout.replicated(), layout.replicated()))
+    return Program(cfg, plan, layout, arch, model, tx, schedule, abstract, shardings, batch, loss_fn,
+                   train_step, eval_step)
+
+
+def check_shapes(layout: Layout, arch: Arch, model: Llama, rows: int, length: int) -> None:
+    """Every parameter's and constrained activation's shard shape divides under ``layout`` (else one line)."""
+    heads = {"activations/residual": (arch.dim,), "activations/q": (arch.n_heads, arch.head_dim),
+             "activations/k_v": (arch.n_kv_heads, arch.head_dim)}
+    arrays = boxed_shapes(abstract_params(model))
+    arrays.append(("batch", (rows, length), BATCH_AXES))
+    arrays += [(name, (rows, length, *heads[name]), names) for name, names in _ACTIVATIONS.items()]
+    check_divisible(layout, arrays)
+
+
+def inference_program(cfg: Config, arch: Arch, devices: list | None = None) -> Program:
+    """The program for serving ``arch`` (inference dtypes, unrolled layers) on ``cfg.mesh``, over the
+    first ``data x fsdp x tensor`` of ``devices``; one row per batch shard is the smallest batch."""
+    devices = list(jax.devices() if devices is None else devices)
+    m = cfg.mesh
+    n = int(np.prod([m.data, m.fsdp, m.tensor]))
+    if n > len(devices):
+        raise ConfigError(f"--mesh: {m.data}x{m.fsdp}x{m.tensor} = {n} devices, but only {len(devices)} are available")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
+                          f"devices, got {n}")
+    rows = max(1, cfg.data.global_batch)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch=rows), train=dataclasses.replace(
+        cfg.train, grad_accum=1))
+    return build_program(cfg, devices[:n], arch)

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from jaxllama.config import load_config  # noqa: E402
 from jaxllama.infer.engine import Engine  # noqa: E402
-from jaxllama.infer.placement import inference_arch, inference_layout, param_shardings  # noqa: E402
+from jaxllama.infer.placement import inference_arch, inference_program, param_shardings  # noqa: E402
 from jaxllama.infer.sampling import Sampling  # noqa: E402
 from jaxllama.model.llama import Arch, Llama, stack_layers, unstack_layers  # noqa: E402
 
@@ -131,12 +131,12 @@ def main() -> None:
 
         loaded = load_model(args.model)
         a = inference_arch(Arch.from_config(loaded.model_cfg), args.dtype, scan_layers=False)
-        layout = inference_layout(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1})
+        layout = inference_program(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1}).layout
         params = place_params(unstack_layers(loaded.params, a.n_layers), a, layout)
     else:
         m = load_config(None, [f"model.preset={args.preset}", "data.seq_len=8"]).model
         a = inference_arch(Arch.from_config(m), args.dtype, scan_layers=False)  # as `jaxllama generate` runs
-        layout = inference_layout(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1})
+        layout = inference_program(a, parse_mesh(args.mesh) or {"data": 1, "fsdp": 1, "tensor": 1}).layout
         params = random_weights(a, layout)
     engine = Engine(params, a, layout)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -22,7 +22,8 @@ import numpy as np
 from jaxllama.config import load_config
 from jaxllama.data.synthetic import SyntheticSource
 from jaxllama.train.loop import Trainer
-from jaxllama.train.metrics import flops_per_token, peak_flops_per_device
+from jaxllama.plan import flops_per_token
+from jaxllama.train.metrics import peak_flops_per_device
 
 
 def bench_jaxllama(cfg, warmup: int, steps: int) -> dict:

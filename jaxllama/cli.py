@@ -100,14 +100,14 @@ def cmd_train(args) -> int:
 
 def cmd_info(args) -> int:
     from jaxllama.config import parse_size
-    from jaxllama.info import format_info, model_info
-    from jaxllama.plan import format_plan, plan
+    from jaxllama.plan import format_info, format_plan, plan
 
     cfg = _load(args)
     memory = parse_size(args.device_memory, "--device-memory") if args.device_memory is not None else None
-    print(format_info(model_info(cfg, args.devices)))
+    p = plan(cfg, args.devices, memory)
+    print(format_info(p))
     if args.devices is not None or memory is not None:
-        print(format_plan(plan(cfg, args.devices, memory)))
+        print(format_plan(p))
     return 0
 
 

@@ -19,6 +19,7 @@ the temporary memory where a flash kernel would need none.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,13 +27,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import jax
 
 from jaxllama.config import Config, load_config
 from jaxllama.errors import ConfigError, JaxllamaError, RunError
 from jaxllama.model.llama import Arch
+from jaxllama.plan import target_arch
 from jaxllama.program import build_program
 
 GIB = 1024**3
@@ -61,18 +62,14 @@ class CompileReport:
 
 
 def cpu_arch(cfg: Config) -> tuple[Arch, list[str]]:
-    """The architecture compiled on CPU: bfloat16 for ``auto`` and the ``xla`` attention kernel."""
-    arch = Arch.from_config(cfg.model)
-    notes = []
-    dtype = "bfloat16" if cfg.model.dtype == "auto" else arch.dtype
-    if cfg.model.dtype == "auto":
-        notes.append("model.dtype auto compiled as bfloat16 (the accelerator default)")
-    attention = arch.attention
-    if attention in ("cudnn", "splash", "dot_product") or cfg.model.attention == "auto":
+    """The architecture compiled on CPU: the accelerator's (:func:`jaxllama.plan.target_arch`: bfloat16
+    for ``auto``), with the ``xla`` attention kernel (flash kernels do not exist on CPU)."""
+    arch = target_arch(cfg)
+    notes = ["model.dtype auto compiled as bfloat16 (the accelerator default)"] if cfg.model.dtype == "auto" else []
+    if arch.attention != "xla":
         notes.append(f"attention compiled with the xla reference kernel (configured: {cfg.model.attention}); "
                      "its float32 [seq, seq] scores count in temp, which flash kernels avoid")
-        attention = "xla"
-    return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention}), notes
+    return dataclasses.replace(arch, attention="xla"), notes
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:

@@ -1,10 +1,16 @@
-"""Plan before launch: per-device memory of a training run on a mesh that is not present.
+"""Plan before launch: what a training run costs per device (memory) and per token (FLOPs), on a
+mesh that need not be present; what ``jaxllama info`` prints.
 
 ``plan(cfg, devices=256, device_memory=parse_size("95GB", "--device-memory"))`` answers "does
 llama3-8b with this mesh fit a v5p-512?" on a laptop. The program is built by the same builder as
 training (:func:`jaxllama.program.build_program`) on an abstract mesh of ``devices`` (sizes and
 names, no devices), so the per-device figures of parameters and optimizer state are the shards
 training would create. Nothing is materialized.
+
+FLOPs per trained token follow ARCHITECTURE.md: ``6*(N_matmul + d_model*V) + 6*L*H*d_head*T``
+where N_matmul is every per-layer matmul weight (attention and MLP projections; not the input
+embedding) and ``d_model*V`` is the LM head, counted even when tied. The last term is causal
+attention; the non-causal figure (``12*L*H*d_head*T``, nanoGPT/torchtitan) is given beside it.
 
 Activations cannot be read off shapes, so they are *estimated* from the decoder's structure (which
 tensors the backward pass keeps for each ``model.remat`` policy) -- the same accounting as
@@ -18,6 +24,7 @@ float32 score matrix for the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,7 +32,7 @@ import jax
 
 from jaxllama.config import Config
 from jaxllama.errors import ConfigError
-from jaxllama.model.llama import Arch
+from jaxllama.model.llama import Arch, param_shapes
 from jaxllama.parallel.sharding import per_device_bytes
 from jaxllama.program import build_program
 from jaxllama.program.step import loss_chunk_size
@@ -34,13 +41,24 @@ GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def matmul_params(a: Arch) -> int:
+    """Per-layer matmul weights times layers (excludes the embedding and the LM head), counted off the
+    model's own parameter shapes."""
+    return sum(math.prod(shape) for name, shape in param_shapes(a).items()
+               if name.startswith("layers/") and name.endswith("/kernel"))
+
+
+def flops_per_token(a: Arch, seq_len: int, causal: bool = True) -> float:
+    attention = (6 if causal else 12) * a.n_layers * a.n_heads * a.head_dim * seq_len
+    return 6.0 * (matmul_params(a) + a.dim * a.vocab_size) + attention
+
+
 def target_arch(cfg: Config) -> Arch:
     """The architecture as an accelerator would run it: ``auto`` dtype -> bfloat16, ``auto`` attention
     -> a flash kernel (recorded as ``dot_product``), independent of the backend planning runs on."""
-    arch = Arch.from_config(cfg.model)
-    dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
-    attention = "dot_product" if cfg.model.attention == "auto" else cfg.model.attention
-    return Arch(**{**arch.__dict__, "dtype": dtype, "attention": attention})
+    return dataclasses.replace(Arch.from_config(cfg.model), dtype="bfloat16" if cfg.model.dtype == "auto" else
+                               cfg.model.dtype, attention="dot_product" if cfg.model.attention == "auto" else
+                               cfg.model.attention)
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,9 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     total = params + opt + grads + gathered + act.total
     out = dict(preset=cfg.model.preset, params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
                mesh=sizes, devices=devices, dtype=arch.dtype, remat=arch.remat, attention=arch.attention,
+               rows=cfg.data.global_batch // (program.layout.shards("activation_batch") * cfg.train.grad_accum),
+               flops_per_token=flops_per_token(arch, cfg.data.seq_len),
+               flops_per_token_noncausal=flops_per_token(arch, cfg.data.seq_len, causal=False),
                seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch, grad_accum=cfg.train.grad_accum,
                param_bytes=params, opt_bytes=opt, grad_bytes=grads, gathered_bytes=gathered,
                act_saved_bytes=act.saved, act_peak_bytes=act.layer_peak, loss_bytes=act.loss,
@@ -148,10 +169,9 @@ def format_plan(p: dict) -> str:
         return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 or n == 0 else f"{n / 2**20:8.2f} MiB"
 
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
-    rows = p["global_batch"] // (p["mesh"]["data"] * p["mesh"]["fsdp"] * p["grad_accum"])
     lines = [
         f"plan:             {p['devices']} devices, mesh {mesh}; {p['dtype']} compute, remat {p['remat']}, "
-        f"attention {p['attention']}; {rows} row(s) x {p['seq_len']} tokens per device per micro-batch",
+        f"attention {p['attention']}; {p['rows']} row(s) x {p['seq_len']} tokens per device per micro-batch",
         f"  parameters      {g(p['param_bytes'])}   (float32 master weights, sharded)",
         f"  optimizer       {g(p['opt_bytes'])}   (AdamW moments, sharded like the parameters)",
         f"  gradients       {g(p['grad_bytes'])}",
@@ -166,3 +186,19 @@ def format_plan(p: dict) -> str:
         verdict = "FITS" if p["fits"] else "DOES NOT FIT"
         lines.append(f"  device memory   {g(mem)}   -> {verdict} ({100 * p['total_bytes'] / mem:.0f}% used)")
     return "\n".join(lines)
+
+
+def format_info(info: dict) -> str:
+    """The lines ``jaxllama info`` prints (the plan follows with --devices / --device-memory)."""
+    gib = 1024**3
+    mesh = " x ".join(f"{k}={v}" for k, v in info["mesh"].items())
+    state = info["param_bytes"] + info["opt_bytes"]
+    return "\n".join([
+        f"model:            {info['preset']}",
+        f"parameters:       {info['params']:,}",
+        f"mesh:             {mesh} ({info['devices']} devices)",
+        f"per device:       params {info['param_bytes'] / gib:.3f} GiB + optimizer "
+        f"{info['opt_bytes'] / gib:.3f} GiB = {state / gib:.3f} GiB",
+        f"train FLOPs/token: {info['flops_per_token']:.4g} at seq_len {info['seq_len']} "
+        f"(non-causal {info['flops_per_token_noncausal']:.4g})",
+    ])

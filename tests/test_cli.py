@@ -25,7 +25,7 @@ def run(*args, timeout=120):
     (["train", "data.seq_len=-4"], "seq_len"),
     (["train", "data.global_batch=7", "mesh.data=8"], "global_batch"),
     (["train", "--config", "/nonexistent/cfg.yaml"], "config"),
-    (["train", "mesh.tensor=8", "mesh.fsdp=1"], "not divisible by mesh.tensor=8"),  # tiny has 4 kv heads
+    (["train", "mesh.tensor=8", "mesh.fsdp=1"], "kv_heads=4 over tensor=8"),  # tiny has 4 kv heads
     (["train", "data.seq_len=4096"], "model.max_position"),
     (["train", "model.preset=llama3-70b", "data.seq_len=64", "data.global_batch=8"], "GiB is available"),  # on CPU
     (["train", "--bogus-flag"], "unrecognized"),

@@ -14,7 +14,7 @@ from helpers import arch_for, random_params
 from jaxllama.convert.hf_names import hf_config_dict, to_hf_tensors
 from jaxllama.errors import ConfigError
 from jaxllama.infer.engine import Engine
-from jaxllama.infer.placement import inference_layout, parse_mesh, place_params
+from jaxllama.infer.placement import inference_program, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling
 from jaxllama.model.llama import Llama
 
@@ -82,7 +82,7 @@ def test_batch_equals_one_by_one(model):
 @pytest.mark.parametrize("mesh", ["tensor=2", "tensor=4", "data=2,tensor=2"])
 def test_sharded_equals_unsharded(model, mesh):
     a, params, prompts, _, out = model
-    layout = inference_layout(a, parse_mesh(mesh))
+    layout = inference_program(a, parse_mesh(mesh)).layout
     placed = place_params(params, a, layout)
     assert len(placed["layers"]["self_attn"]["k_proj"]["kernel"].sharding.device_set) > 1
     got = Engine(placed, a, layout).generate(prompts, NEW, GREEDY, chunk=4)
@@ -145,9 +145,9 @@ def test_bad_prompts(model):
 def test_bad_mesh(model):
     a = model[0]
     with pytest.raises(ConfigError, match="tensor=3 does not divide"):
-        inference_layout(a, parse_mesh("tensor=3"))
+        inference_program(a, parse_mesh("tensor=3"))
     with pytest.raises(ConfigError, match="16 devices, but only 8"):
-        inference_layout(a, parse_mesh("data=2,tensor=8"))
+        inference_program(a, parse_mesh("data=2,tensor=8"))
     with pytest.raises(ConfigError, match="--mesh: expected"):
         parse_mesh("model=2")
 

@@ -200,3 +200,60 @@ def test_one_owner_per_concept():
         if '"gib": 2**30' in text or '"GIB": 2**30' in text:
             hits["size units"].append(f.name)
     assert hits == {"batch keys": ["batch.py"], "axis names": ["mesh.py"], "size units": ["config.py"]}
+
+
+@pytest.fixture(scope="module")
+def kv_model(tmp_path_factory):
+    """An 8-head, 2-KV-head random model as a Hugging Face folder with a SentencePiece tokenizer, and a
+    config file whose mesh.rules keep the KV heads whole (what a training run's config.yaml holds)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    from jaxllama.convert.common import Extras, ParamsSource
+    from jaxllama.convert.hf import write_hf
+    from jaxllama.model.llama import Arch
+
+    root = tmp_path_factory.mktemp("kv_model")
+    words = "the quick brown fox jumps over lazy dog hello world".split()
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(10))
+                                                          for _ in range(300)),
+                                   model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True,
+                                   minloglevel=2)
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.model").write_bytes(buf.getvalue())
+    m = load_config(None, [*BASE, "model.vocab_size=320"]).model
+    write_hf(ParamsSource(random_params(Arch.from_config(m), seed=3), m,
+                          Extras(tokenizer_dir=root / "tok", bos_token_id=1, eos_token_id=2)), root / "hf")
+    (root / "ok.yaml").write_text("mesh:\n  data: 1\n  fsdp: 1\n  tensor: 8\n  rules: " + json.dumps(KV_WHOLE) + "\n")
+    return root
+
+
+def test_every_verb_takes_the_replicated_kv_rules(kv_model, capsys):
+    from jaxllama.cli import main
+
+    hf, ok = str(kv_model / "hf"), str(kv_model / "ok.yaml")
+
+    def run(*argv):
+        capsys.readouterr()
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    gen = ["generate", hf, "--prompt", "the quick brown", "--temperature", "0", "--max-new-tokens", "6", "--json"]
+    want = json.loads(run(*gen, "--mesh", "tensor=1"))
+    got = json.loads(run(*gen, "--mesh", "tensor=8", "--rules", ok))
+    assert got["tokens"] == want["tokens"] and len(got["tokens"]) == 6
+    assert main([*gen, "--mesh", "tensor=8"]) == 2  # the default rules split 2 KV heads 8 ways: refused
+    assert "kv_heads=2 over tensor=8" in capsys.readouterr().err
+    ev = ["eval", hf, "--data", "synthetic", "--seq-len", "32", "--batch", "8", "--max-batches", "2"]
+    one = json.loads(run(*ev, "--mesh", "tensor=1").splitlines()[-1])
+    eight = json.loads(run(*ev, "--mesh", "tensor=8", "--rules", ok).splitlines()[-1])
+    assert eight["mesh"]["tensor"] == 8 and eight["mean_nll"] == pytest.approx(one["mean_nll"], abs=1e-5)
+    model = BASE[:5] + ["data.global_batch=8"]  # the debug preset with 8 heads, 2 KV heads; synthetic data
+    info = run("info", "--devices", "8", "--device-memory", "16GB", "--config", ok, *model)
+    assert "tensor=8" in info and "FITS" in info
+    report = run("compile-check", "--devices", "8", "--config", ok, *model)
+    assert "compiled the train step" in report and "tensor=8" in report

@@ -45,7 +45,7 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str, ccfg: CheckpointConfig, say: Callable[[str], None] = print):
         self.directory = as_path(directory)
-        self.say = say
+        self.say, self.every, self.async_save = say, ccfg.every, ccfg.async_save
         self._report_incomplete()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=ccfg.keep, keep_period=ccfg.keep_every or None, create=True,
@@ -65,8 +65,15 @@ class TrainCheckpoints:
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
 
+    def due(self, step: int, final: bool) -> bool:
+        """Every ``checkpoint.every`` steps, and at the end (or preemption)."""
+        return final or bool(self.every and step % self.every == 0)
+
     def save(self, step: int, state: Any, cfg: Config, data_state: dict) -> float:
-        """Start saving ``state`` as ``step``; returns the seconds the caller was blocked."""
+        """Start saving ``state`` as ``step``; returns (and reports) the seconds the caller was blocked."""
+        # Steps are dispatched ahead: wait for them to finish computing first, so the figure is the
+        # save's own cost, not the queued steps' compute time.
+        jax.block_until_ready(state)
         start = time.perf_counter()
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(state.params),
@@ -79,10 +86,9 @@ class TrainCheckpoints:
         self.mngr.save(step, args=args, force=True)
         blocked = time.perf_counter() - start
         self.block_times.append(blocked)
+        self.say(f"checkpoint at step {step}: the save blocked training for {1000 * blocked:.0f} ms"
+                 f"{' (written in the background)' if self.async_save else ''}")
         return blocked
-
-    def wait(self) -> None:
-        self.mngr.wait_until_finished()
 
     def close(self) -> None:
         self.mngr.wait_until_finished()

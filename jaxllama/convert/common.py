@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 from jaxllama.config import ModelConfig, resolve_model
 from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS
 from jaxllama.errors import ConfigError, RunError
+from jaxllama.model.llama import Arch, param_shapes
 from jaxllama.model.presets import PRESETS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -33,11 +35,6 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype
 EMBED, NORM, HEAD = "embed_tokens/embedding", "norm/scale", "lm_head/kernel"
 LAYER_NAMES = [ours for ours, _ in LAYER_KERNELS] + [ours for ours, _ in LAYER_NORMS]
 Q, K = "self_attn/q_proj/kernel", "self_attn/k_proj/kernel"
-
-ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_position",
-               "norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
-               "rope_high_freq_factor", "rope_original_max_position", "tie_embeddings")
-
 
 def parse_dtype(name: str | None) -> np.dtype | None:
     """``--dtype`` value -> numpy dtype (bfloat16 via ml_dtypes); None keeps each source tensor's dtype."""
@@ -82,10 +79,6 @@ def model_config(**fields) -> ModelConfig:
     return m
 
 
-def arch_fields(m: ModelConfig) -> dict:
-    return {k: getattr(m, k) for k in ARCH_FIELDS}
-
-
 def permute_qk(w: np.ndarray, n_heads: int, to_interleaved: bool) -> np.ndarray:
     """THE q/k layout change between Hugging Face/jaxllama and Meta/GGUF (llama.cpp).
 
@@ -103,16 +96,9 @@ def permute_qk(w: np.ndarray, n_heads: int, to_interleaved: bool) -> np.ndarray:
 
 
 def expected_shape(m: ModelConfig, name: str) -> tuple[int, ...]:
-    """Shape of one canonical tensor (per layer, without the stacked axis)."""
-    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    return {
-        EMBED: (m.vocab_size, m.dim), NORM: (m.dim,), HEAD: (m.dim, m.vocab_size),
-        "self_attn/q_proj/kernel": (m.dim, q), "self_attn/k_proj/kernel": (m.dim, kv),
-        "self_attn/v_proj/kernel": (m.dim, kv), "self_attn/o_proj/kernel": (q, m.dim),
-        "mlp/gate_proj/kernel": (m.dim, m.ffn_dim), "mlp/up_proj/kernel": (m.dim, m.ffn_dim),
-        "mlp/down_proj/kernel": (m.ffn_dim, m.dim),
-        "input_layernorm/scale": (m.dim,), "post_attention_layernorm/scale": (m.dim,),
-    }[name]
+    """Shape of one canonical tensor (per layer, without the stacked axis), as the model has it."""
+    shapes = param_shapes(Arch.from_config(dataclasses.replace(m, tie_embeddings=False)))
+    return shapes[name] if name in shapes else shapes[f"layers/{name}"][1:]
 
 
 def check_shape(arr: np.ndarray, want: tuple[int, ...], where: str) -> np.ndarray:

@@ -200,8 +200,7 @@ class Engine:
             raise ConfigError(f"--chunk: must be >= 1, got {chunk}")
         self.check_prompts(prompts)
         n_rows = len(prompts)
-        shards = self._batch_shards()
-        b = _round_up(n_rows, shards)
+        b = _round_up(n_rows, self.layout.shards("activation_batch"))
         longest = max(len(p) for p in prompts)
         t = min(_round_up(longest, PROMPT_BUCKET), self.arch.max_position)
         cache_len = min(_round_up(longest + max_new_tokens, PROMPT_BUCKET), self.arch.max_position)
@@ -214,7 +213,8 @@ class Engine:
                                                                                np.int32)
         live = np.arange(b) < n_rows
         stops = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
-        put = functools.partial(_put, sharding=self._batch_sharding())
+        put = functools.partial(_put, sharding=None if self.layout.mesh is None else self.layout.sharding(
+            ("activation_batch",)))
         prog = _Program(self.arch, self.layout, self.vocab_limit, dataclasses.replace(sampling, seed=0))
         state = _prefill(self.params, put(tokens), put(lengths), put(ids), put(live), stops,
                          np.int32(sampling.seed), prog=prog, cache_len=cache_len, max_new=max_new_tokens)
@@ -249,16 +249,6 @@ class Engine:
                                    chunk or max_new_tokens, force_stop):
             pass
         return results
-
-    # -- placement --------------------------------------------------------------------------------
-
-    def _batch_shards(self) -> int:
-        return self.layout.shards("activation_batch")
-
-    def _batch_sharding(self):
-        if self.layout.mesh is None:
-            return None
-        return self.layout.sharding(("activation_batch",))
 
 
 def _put(host: np.ndarray, sharding) -> jax.Array:

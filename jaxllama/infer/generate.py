@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import jax
-
 from jaxllama.errors import ConfigError
 from jaxllama.infer.chat import chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
@@ -169,9 +167,3 @@ def _stdout(text: str) -> None:
 
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def devices_note(loaded: Loaded) -> str:
-    mesh = loaded.engine.layout.mesh
-    shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "none"
-    return f"{loaded.engine.arch.dtype} on {jax.devices()[0].platform}, mesh {shape}"

@@ -14,13 +14,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllama.config import DEFAULT_RULES, Config, DataConfig, MeshConfig, ModelConfig
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.parallel.mesh import AXES, parse_mesh  # noqa: F401  (parse_mesh: the CLI's --mesh)
-from jaxllama.parallel.sharding import Layout
+from jaxllama.parallel.sharding import Layout, ShardError, place
 from jaxllama.program import Program, build_program
 from jaxllama.program.step import abstract_params
 
@@ -47,8 +46,10 @@ def inference_program(a: Arch, sizes: dict[str, int] | None = None, devices: lis
                  data=data or DataConfig(seq_len=1, global_batch=n))
     try:
         return build_program(cfg, devices[:n], arch=a)
-    except ConfigError as e:
-        raise ConfigError(f"--mesh {desc}: {e}") from None
+    except ShardError as e:
+        if e.name == "data.global_batch":
+            raise ConfigError(f"--batch {e.size}: must be divisible by mesh {' x '.join(e.axes)} = {e.n}") from None
+        raise ConfigError(f"--mesh: {' x '.join(e.axes)}={e.n} does not divide the model ({desc}): {e}") from None
 
 
 def _widest(a: Arch, devices: list, rules: list | None, data: DataConfig | None) -> Program:
@@ -59,11 +60,6 @@ def _widest(a: Arch, devices: list, rules: list | None, data: DataConfig | None)
             if tp == 1:
                 raise
     raise AssertionError("unreachable")
-
-
-def inference_layout(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None,
-                     rules: list | None = None) -> Layout:
-    return inference_program(a, sizes, devices, rules).layout
 
 
 def inference_arch(a: Arch, dtype: str | None = None, scan_layers: bool | None = None) -> Arch:
@@ -87,22 +83,11 @@ def param_shardings(a: Arch, layout: Layout) -> Any:
 
 
 def place_params(params: Any, a: Arch, layout: Layout) -> Any:
-    """Cast to ``a.param_dtype`` and put each leaf in its shards, one leaf at a time.
-
-    Host arrays go through ``make_array_from_callback``: each process copies only the slices its own
-    devices hold, which also works when the mesh spans several processes.
-    """
+    """Cast to ``a.param_dtype`` and put each leaf in its shards (:func:`jaxllama.parallel.sharding.place`)."""
     dtype = jnp.dtype(a.param_dtype)
     if layout.mesh is None:
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     shardings = param_shardings(a, layout)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError("parameters do not match the model's tree (a checkpoint of another architecture?)")
-
-    def put(x, sharding):
-        if isinstance(x, jax.Array):
-            return jax.device_put(x.astype(dtype), sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx].astype(dtype))
-
-    return jax.tree.map(put, params, shardings)
+    return place(params, shardings, dtype)

@@ -16,6 +16,8 @@ RoPE uses Hugging Face's half-split ("rotate_half") layout.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -292,6 +294,17 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
             c = c.at[jnp.arange(c.shape[0]), positions[:, 0]].set(new[:, 0], mode="drop")
         out.append(layout.constrain(c, KV_AXES))
     return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=32)
+def param_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
+    """The canonical tree's shapes, read off the model itself (never written out by hand):
+    ``{"layers/self_attn/k_proj/kernel": (layers, dim, kv_heads * head_dim), ...}``, layers stacked.
+    Converters, the FLOPs count and the plan ask this; nothing is allocated."""
+    a = dataclasses.replace(a, scan_layers=True, remat="none", attention="xla")
+    tree = jax.eval_shape(lambda: nn.unbox(Llama(a).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): tuple(x.shape) for path, x in leaves}
 
 
 def head_kernel(params: dict, a: Arch) -> jax.Array:

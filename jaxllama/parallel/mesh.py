@@ -1,10 +1,8 @@
 """The device mesh: the one owner of the axis names (``data``, ``fsdp``, ``tensor``) and their sizes.
 
-A :class:`MeshPlan` resolves the configured sizes (one may be -1: fill) for a number of devices,
-single- or multi-slice (each axis = DCN x ICI), and is validated once. It then builds a real
-:class:`~jax.sharding.Mesh` over devices (real, simulated, or a TPU topology's for ahead-of-time
-compiling) or an :class:`~jax.sharding.AbstractMesh` (sizes only: planning for devices that are not
-present). Nothing else computes mesh sizes.
+A :class:`MeshPlan` resolves the configured sizes (one may be -1: fill; each axis = DCN x ICI) for a
+number of devices, then builds a :class:`~jax.sharding.Mesh` over devices (real, simulated, a TPU
+topology's) or an :class:`~jax.sharding.AbstractMesh` (sizes only). Nothing else computes mesh sizes.
 
 We build the mesh with *Auto* axis types: shardings of parameters, batches and activations are
 stated explicitly (``out_shardings``, ``with_sharding_constraint``) and XLA's partitioner fills in

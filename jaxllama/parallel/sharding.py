@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -106,6 +107,14 @@ def boxed_shapes(boxed_abstract: Any) -> list[tuple[str, tuple[int, ...], tuple[
     return out
 
 
+class ShardError(ConfigError):
+    """A dimension a layout splits unevenly; the fields let a caller phrase it for its own flags."""
+
+    def __init__(self, message: str, name: str, size: int, axes: tuple[str, ...], n: int):
+        super().__init__(message)
+        self.name, self.size, self.axes, self.n = name, size, axes, n
+
+
 def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...], tuple[str | None, ...]]]) -> None:
     """One-line ConfigError for the first dimension the layout splits unevenly, naming the array, its
     logical axis, the mesh axes and the sizes: ``layers/self_attn/k_proj/kernel: kv_heads=512 over
@@ -116,8 +125,22 @@ def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...],
             n = math.prod(layout.mesh.shape[a] for a in axes)
             if size % n:
                 mesh = ", ".join(f"{k}={v}" for k, v in layout.mesh.shape.items())
-                raise ConfigError(f"{name}: {logical}={size} over {' x '.join(axes)}={n} does not divide (mesh {mesh});"
-                                  f" change mesh.rules for {logical.removeprefix(ACTIVATION)} or the mesh sizes")
+                raise ShardError(f"{name}: {logical}={size} over {' x '.join(axes)}={n} does not divide (mesh {mesh}); "
+                                 f"change mesh.rules for {logical.removeprefix(ACTIVATION)} or the mesh sizes",
+                                 name, size, axes, n)
+
+
+def place(tree: Any, shardings: Any, dtype: Any) -> Any:
+    """Arrays (host or device) -> their shards, cast to ``dtype``, one leaf at a time. Host arrays go
+    through ``make_array_from_callback``: each process copies only the slices its own devices hold,
+    so no device ever holds a full copy, and a mesh may span several processes."""
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x.astype(dtype), sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx].astype(dtype))
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,

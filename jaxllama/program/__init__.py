@@ -1,23 +1,16 @@
 """THE builder: a resolved config + devices -> one frozen :class:`Program`, validated once.
 
-``build_program(cfg, devices)`` assembles, in this order and nowhere else: the mesh plan (sizes,
-DCN x ICI), the mesh over ``devices`` (real, simulated, a TPU topology's, or an int: an abstract
-mesh of that many devices), the layout (mesh + rules), the arch and model, the optimizer and
-schedule, the abstract train state and its shardings, the batch spec, the loss and the jitted train
-and eval steps. Training, ``compile-check``, ``info`` and the plan, eval (training-time and CLI),
-``train.init_from`` and inference placement all ask it.
-
-Validation happens here because only here are the layout and the shapes both known: every
-parameter's and activation's shard shape is checked under the configured rules and mesh, and the
-first dimension that does not divide is refused in one line naming the array and logical axis.
-
-This package also holds the pieces the program is made of: :mod:`.step` (loss, state, train step)
-and :mod:`.optimizer` (AdamW, schedules).
+``build_program(cfg, devices)`` assembles, here and nowhere else: the mesh plan (DCN x ICI), the mesh
+over ``devices`` (real, simulated, a TPU topology's, or an int: an abstract mesh), the layout, the
+arch and model, the optimizer and schedule, the abstract train state and its shardings, the batch
+spec, the loss and the jitted train and eval steps. Training, ``compile-check``, ``info``, eval,
+``train.init_from`` and inference placement all ask it. Only here are the layout and the shapes both
+known, so here every parameter's and activation's shard shape is checked (one line for the first
+that does not divide). The pieces: :mod:`.step` (loss, state, train step), :mod:`.optimizer`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,11 +19,10 @@ import numpy as np
 
 from jaxllama.config import Config
 from jaxllama.data.batch import BATCH_DTYPES
-from jaxllama.errors import ConfigError
 from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama
 from jaxllama.parallel.mesh import MeshPlan
-from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, boxed_shapes, check_divisible,
-                                        rules_from_config)
+from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, boxed_shapes,
+                                        check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
 from jaxllama.program.step import TrainState, abstract_params, init_state, make_loss_fn, make_train_step, state_shardings
 
@@ -93,7 +85,7 @@ class Program:
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shards."""
-        return init_state(self.model, self.tx, self.layout, self.cfg.train.seed if seed is None else seed)[0]
+        return init_state(self.model, self.tx, self.state_shardings, self.cfg.train.seed if seed is None else seed)
 
 
 def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | None = None) -> Program:
@@ -108,12 +100,15 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     d, t = cfg.data, cfg.train
     rows = layout.shards("activation_batch")
     if d.global_batch % (rows * t.grad_accum):
-        raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by the batch shards "
-                          f"({layout.mesh_axes('activation_batch')} = {rows})"
-                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""))
-    check_shapes(layout, arch, model, d.global_batch // t.grad_accum, d.seq_len)
+        axes = layout.mesh_axes("activation_batch")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        raise ShardError(f"data.global_batch={d.global_batch} must be divisible by mesh {' x '.join(axes)} = {rows}"
+                         + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""),
+                         "data.global_batch", d.global_batch, axes, rows)
+    boxed = abstract_params(model)
+    check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
-    abstract, shardings = state_shardings(model, tx, layout)
+    abstract, shardings = state_shardings(boxed, tx, layout)
     batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
     loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk)
     step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout)
@@ -130,28 +125,11 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
                    train_step, eval_step)
 
 
-def check_shapes(layout: Layout, arch: Arch, model: Llama, rows: int, length: int) -> None:
+def check_shapes(layout: Layout, arch: Arch, boxed_params: Any, rows: int, length: int) -> None:
     """Every parameter's and constrained activation's shard shape divides under ``layout`` (else one line)."""
     heads = {"activations/residual": (arch.dim,), "activations/q": (arch.n_heads, arch.head_dim),
              "activations/k_v": (arch.n_kv_heads, arch.head_dim)}
-    arrays = boxed_shapes(abstract_params(model))
+    arrays = boxed_shapes(boxed_params)
     arrays.append(("batch", (rows, length), BATCH_AXES))
     arrays += [(name, (rows, length, *heads[name]), names) for name, names in _ACTIVATIONS.items()]
     check_divisible(layout, arrays)
-
-
-def inference_program(cfg: Config, arch: Arch, devices: list | None = None) -> Program:
-    """The program for serving ``arch`` (inference dtypes, unrolled layers) on ``cfg.mesh``, over the
-    first ``data x fsdp x tensor`` of ``devices``; one row per batch shard is the smallest batch."""
-    devices = list(jax.devices() if devices is None else devices)
-    m = cfg.mesh
-    n = int(np.prod([m.data, m.fsdp, m.tensor]))
-    if n > len(devices):
-        raise ConfigError(f"--mesh: {m.data}x{m.fsdp}x{m.tensor} = {n} devices, but only {len(devices)} are available")
-    if jax.process_count() > 1 and n != len(devices):
-        raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
-                          f"devices, got {n}")
-    rows = max(1, cfg.data.global_batch)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch=rows), train=dataclasses.replace(
-        cfg.train, grad_accum=1))
-    return build_program(cfg, devices[:n], arch)

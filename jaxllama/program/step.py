@@ -142,9 +142,9 @@ def abstract_params(model: Llama, seq_len: int = 1) -> Any:
     return jax.eval_shape(lambda t: unsharded.init(jax.random.key(0), t)["params"], tokens)
 
 
-def state_shardings(model: Llama, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
-    """(abstract state, its shardings): parameters by their logical names, moments like their params."""
-    boxed = abstract_params(model)
+def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings) from boxed abstract params (:func:`abstract_params`): parameters
+    by their logical names, moments like their params."""
     param_sh = layout.tree_shardings(boxed)
     params = nn.unbox(boxed)
     opt = jax.eval_shape(tx.init, params)
@@ -153,14 +153,12 @@ def state_shardings(model: Llama, tx: optax.GradientTransformation, layout: Layo
     return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh)
 
 
-def init_state(model: Llama, tx: optax.GradientTransformation, layout: Layout, seed: int) -> tuple[TrainState, TrainState]:
+def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
     """Parameters and optimizer state created directly in their shards (jit with out_shardings)."""
-    _, shardings = state_shardings(model, tx, layout)
     unsharded = _init_model(model)
 
     def init(key):
         params = nn.unbox(unsharded.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return state, shardings
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from jaxllama.config import SHAPE_FIELDS, Config, ModelConfig
 from jaxllama.errors import ConfigError
+from jaxllama.parallel.sharding import place
 
 # Fields that change what the model computes without changing shapes: a difference is reported, and the
 # config wins (extending the context with another rope_theta is a legitimate fine-tuning choice).
@@ -63,8 +63,4 @@ def initial_params(cfg: Config, shardings: Any, say: Callable[[str], None] = pri
 
     loaded = load_model(path)
     compare_models(loaded.model_cfg, cfg.model, path, say)
-    return jax.tree.map(lambda a, s: _place(np.asarray(a), s, dtype), loaded.params, shardings)
-
-
-def _place(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any) -> jax.Array:
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index].astype(dtype))
+    return place(loaded.params, shardings, dtype)

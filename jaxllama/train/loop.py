@@ -1,12 +1,16 @@
 """The training loop: a program (:func:`jaxllama.program.build_program`) and its state, stepped over a
-data source, with components that each own their cadence (:mod:`jaxllama.train.components`).
+data source (:class:`jaxllama.data.sources.BatchSource`), with components that each own their cadence.
 
-Each step: dispatch it, then let the checkpointer, the evaluator and the metrics log act if they are
-due, in that order; SIGTERM ends the loop after a final checkpoint.
+Each step: dispatch it, then the checkpointer (:class:`jaxllama.checkpoint.manager.TrainCheckpoints`),
+the evaluator (:class:`jaxllama.train.evaluate.Evaluator`) and the metrics log
+(:class:`jaxllama.train.metrics.MetricsLog`) act if they are due, in that order; SIGTERM
+(:class:`jaxllama.checkpoint.preemption.PreemptionWatch`) ends the loop after a final checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,13 +20,15 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxllama.checkpoint.manager import TrainCheckpoints
 from jaxllama.checkpoint.preemption import PreemptionWatch
 from jaxllama.config import Config, save_config
 from jaxllama.errors import ConfigError
 from jaxllama.plan import check_host_memory
 from jaxllama.program import Program, build_program
 from jaxllama.program.step import TrainState
-from jaxllama.train.components import Checkpointing, MetricsLog, refuse_existing, trim_metrics
+from jaxllama.checkpoint.params import as_path, complete_steps
+from jaxllama.train.metrics import MetricsLog
 
 
 @dataclass
@@ -96,6 +102,42 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
+    """``checkpoint.dir``, else RUN_DIR/checkpoints; joined as text so a ``gs://`` run dir keeps its scheme."""
+    return cfg.checkpoint.dir or f"{str(cfg.run_dir or run_dir).rstrip('/')}/checkpoints"
+
+
+def refuse_existing(cfg: Config) -> None:
+    """``--no-resume``: a run dir that already holds checkpoints is an error, not something to overwrite."""
+    if cfg.run_dir is None or not cfg.checkpoint.enabled:
+        return
+    steps = complete_steps(as_path(checkpoint_dir(cfg, Path(cfg.run_dir))))
+    if steps:
+        raise ConfigError(f"run_dir {cfg.run_dir} already has checkpoints (latest step {steps[-1]}) and --no-resume "
+                          f"was given; choose a new run_dir or drop --no-resume to continue it")
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (they are re-logged by the resumed run); temp file + rename.
+
+    A line cut short by a kill mid-write is dropped too.
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    kept = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def train(cfg: Config, source: Any = None, devices: list | None = None,
           out: Callable[[str], None] = print, resume: bool = True) -> dict:
     """Train per ``cfg``, resuming from the run dir's latest complete checkpoint unless ``resume`` is False.
@@ -122,18 +164,23 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     from jaxllama.train.evaluate import Evaluator, wants_eval
 
     evaluator = Evaluator(trainer.program) if wants_eval(cfg) else None
-    t = cfg.train
-    ckpt = Checkpointing(cfg, run_dir, say)
-    start = ckpt.restore(trainer, source)
-    if start is None:
-        start = 0
+    t, c = cfg.train, cfg.checkpoint
+    ckpts = TrainCheckpoints(checkpoint_dir(cfg, run_dir), c, say) if c.enabled else None
+    restored = ckpts.restore_latest(trainer.state, trainer.state_shardings, cfg.model) if ckpts else None
+    start = 0
+    if restored is not None:
+        start, trainer.state, data_state = restored
+        source.restore(data_state)
+        say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
+    else:
         trainer.initialize(say)
         if t.init_from:
             say(f"initialized the parameters from {t.init_from}")
     if is_main:
         trim_metrics(run_dir, start)
     if start >= t.steps:
-        ckpt.close()
+        if ckpts:
+            ckpts.close()
         say(f"done: already trained to step {start} (train.steps={t.steps}); run dir {run_dir}")
         return dict(steps=start, history=[], run_dir=str(run_dir), preempted=False, resumed_from=start,
                     line=f"already at step {start}")
@@ -156,12 +203,10 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
                 done = step + 1
                 preempted = watch.reached(done)
                 final = preempted or done == t.steps
-                if ckpt.due(done, final):
-                    log.note(ckpt.save(done, trainer.state, source))
+                if ckpts and ckpts.due(done, final):
+                    log.note({"checkpoint_block_s": ckpts.save(done, trainer.state, cfg, source.state())})
                 if evaluator and evaluator.due(done):
-                    began = time.perf_counter()
                     result = evaluator(trainer.state.params)
-                    result["eval_time_s"] = time.perf_counter() - began
                     log.note(result, paused_s=result["eval_time_s"])  # throughput counts training time only
                 if log.due(done, final):
                     log.flush(done)
@@ -169,11 +214,12 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
                     break
     finally:
         log.close()
-        ckpt.close()
+        if ckpts:
+            ckpts.close()  # waits for a save in flight: a finished run always ends with a complete checkpoint
     summary = summarize(log.history, t.steps, run_dir)
-    summary.update(preempted=preempted, resumed_from=start, checkpoint_block_s=ckpt.block_times)
+    summary.update(preempted=preempted, resumed_from=start, checkpoint_block_s=ckpts.block_times if ckpts else [])
     if preempted:
-        saved = ("checkpoint saved and complete; run the same command to resume" if cfg.checkpoint.enabled
+        saved = ("checkpoint saved and complete; run the same command to resume" if ckpts
                  else "nothing saved (checkpoint.enabled=false)")
         summary["line"] = f"preempted (SIGTERM) at step {log.history[-1]['step']}: {saved}; run dir {run_dir}"
     say(summary["line"])

@@ -1,21 +1,26 @@
-"""FLOPs per token, MFU, and where metrics go (terminal, metrics.jsonl, TensorBoard).
+"""Peak FLOP/s per device (for MFU), and where metrics go (terminal, metrics.jsonl, TensorBoard).
 
-FLOPs per trained token follow ARCHITECTURE.md: ``6*(N_matmul + d_model*V) + 6*L*H*d_head*T``
-where N_matmul is every per-layer matmul weight (attention and MLP projections; not the input
-embedding) and ``d_model*V`` is the LM head, counted even when tied. The last term is causal
-attention; the non-causal figure (``12*L*H*d_head*T``, nanoGPT/torchtitan) is logged beside it.
+:class:`MetricsLog` is the loop's logging component: it keeps step metrics on device until a log
+step (no per-step host sync, so dispatch runs ahead of the accelerator), then writes one record and
+stops the run after ``train.max_nonfinite`` non-finite steps in a row. FLOPs per token are
+:func:`jaxllama.plan.flops_per_token`. Only process 0 writes files and prints.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxllama.model.llama import Arch
+from jaxllama.errors import RunError
+from jaxllama.plan import flops_per_token
 
 # Dense bf16 peak FLOP/s per device, matched against jax's device_kind (first match wins).
 PEAK_FLOPS = [
@@ -23,18 +28,6 @@ PEAK_FLOPS = [
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
     ("TPU v4", 275e12), ("TPU v3", 123e12),
 ]
-
-
-def matmul_params(a: Arch) -> int:
-    """Per-layer matmul weights times layers (excludes the embedding and the LM head)."""
-    attn = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
-    mlp = 3 * a.dim * a.ffn_dim
-    return a.n_layers * (attn + mlp)
-
-
-def flops_per_token(a: Arch, seq_len: int, causal: bool = True) -> float:
-    attention = (6 if causal else 12) * a.n_layers * a.n_heads * a.head_dim * seq_len
-    return 6.0 * (matmul_params(a) + a.dim * a.vocab_size) + attention
 
 
 def measure_cpu_flops(seconds: float = 0.5) -> float:
@@ -90,3 +83,100 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise one plain line per log step."""
+
+    def __init__(self, total: int, enabled: bool, out: Callable[[str], None]):
+        self.out = out
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict, n: int) -> None:
+        text = (f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
+        if "eval_loss" in record:
+            text += f" | eval loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.1f})"
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(text)
+        else:
+            self.out(f"step {record['step']:>6} | {text} | lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsLog:
+    """Pending step metrics -> one record every ``train.log_every`` steps (and at the end)."""
+
+    def __init__(self, program: Any, run_dir: Path, source: Any, start: int, is_main: bool,
+                 say: Callable[[str], None]):
+        cfg = program.cfg
+        self.t, self.source, self.say = cfg.train, source, say
+        self.n_devices = program.plan.size
+        self.peak, self.peak_source = peak_flops_per_device(self.t.peak_flops)
+        self.flops = flops_per_token(program.arch, cfg.data.seq_len)
+        self.flops_nc = flops_per_token(program.arch, cfg.data.seq_len, causal=False)
+        self.tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+        self.writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=self.t.tensorboard)
+        self.progress = Progress(self.t.steps - start, self.t.progress and is_main, say)
+        self.pending: list = []
+        self.extra: dict = {}  # one-off figures (eval results, checkpoint blocking time) for the next record
+        self.history: list[dict] = []
+        self.bad_in_row = self.skipped = self.skipped_records = 0
+        self.last_time = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def note(self, figures: dict, paused_s: float = 0.0) -> None:
+        """Figures for the next record; ``paused_s`` of non-training time (eval) is left out of throughput."""
+        self.extra.update(figures)
+        self.last_time += paused_s
+
+    def due(self, step: int, final: bool) -> bool:
+        return final or step % self.t.log_every == 0
+
+    def flush(self, step: int) -> dict:
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        now = time.perf_counter()
+        elapsed, self.last_time = now - self.last_time, now
+        for m in fetched:
+            self.bad_in_row = 0 if m["finite"] else self.bad_in_row + 1
+            self.skipped += 1 - int(m["finite"])
+        finite = [m for m in fetched if m["finite"]]
+        tps = self.tokens_per_step * len(fetched) / elapsed
+        per_device = tps / self.n_devices / self.peak if self.peak else 0.0
+        record = dict(
+            step=step,
+            loss=float(np.mean([m["loss"] for m in finite])) if finite else math.nan,
+            grad_norm=float(np.mean([m["grad_norm"] for m in finite])) if finite else math.nan,
+            lr=float(fetched[-1]["lr"]), tokens_per_s=tps, mfu=per_device * self.flops,
+            mfu_noncausal=per_device * self.flops_nc, step_time_s=elapsed / len(fetched),
+            skipped_nonfinite=self.skipped)
+        if self.source.efficiency is not None:
+            record["packing_efficiency"] = self.source.efficiency
+        bad = self.source.bad
+        if bad is not None and bad.count:  # data.skip_bad_records
+            if bad.count > self.skipped_records:
+                self.say(f"skipped {bad.count} bad records so far (last: {bad.last})")
+            self.skipped_records = record["data_skipped"] = bad.count
+        record.update(self.extra)
+        self.extra = {}
+        self.writer.write(record)
+        self.progress.update(record, len(fetched))
+        self.history.append(record)
+        if self.bad_in_row >= self.t.max_nonfinite:
+            raise RunError(f"loss was not finite for {self.bad_in_row} steps in a row (up to step {step}); "
+                           f"stopping (train.max_nonfinite={self.t.max_nonfinite}); try a lower optim.lr")
+        return record
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()

@@ -29,8 +29,24 @@ F32 = 0  # GGML_TYPE_F32, for llama.cpp's KV cache (its default f16 cache would 
 
 
 def llama_cpp_model(path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
-                           n_threads=2, type_k=F32, type_v=F32)
+    """llama.cpp on plain CPU weights: on CPUs with AMX (this machine's and CI's Xeons) llama.cpp repacks
+    bf16/q8_0 weights into AMX buffers by default, and that path segfaults on this tiny model's shapes
+    (llama-cpp-python 0.3.34 and 0.3.36 alike). ``use_extra_bufts`` off is llama.cpp's own switch for
+    it; llama-cpp-python does not expose it, so it is set on the default parameters for this load."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                               n_threads=2, type_k=F32, type_v=F32)
+    finally:
+        low.llama_model_default_params = default
 
 
 def our_greedy(m, params, prompt, n):

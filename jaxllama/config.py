@@ -181,23 +181,18 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, then preset resolution and validation."""
+    return config_from_dict({} if path is None else _read_yaml(Path(path)), overrides)
+
+
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated."""
     cfg = Config()
-    if path is not None:
-        _apply_tree(cfg, _read_yaml(Path(path)), prefix="")
+    _apply_tree(cfg, tree, prefix="")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         _set(cfg, key.strip(), _parse_scalar(raw))
-    resolve_model(cfg.model)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(tree: dict) -> Config:
-    """A Config from a nested dict (e.g. a run's saved config.yaml), validated."""
-    cfg = Config()
-    _apply_tree(cfg, tree, prefix="")
     resolve_model(cfg.model)
     validate(cfg)
     return cfg

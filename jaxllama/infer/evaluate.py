@@ -26,13 +26,9 @@ def eval_config(model_cfg, data: str, tokenizer: str | None, seq_len: int, batch
                   "data": {"source": data, "eval_source": data, "seq_len": seq_len, "global_batch": batch,
                            "tokenizer": tokenizer, "shuffle": False}}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.startswith("data."):
+        if not item.startswith("data.") or "=" not in item:
             raise ConfigError(f"override {item!r}: eval takes data.<key>=value overrides only")
-        import yaml
-
-        tree["data"][key[len("data."):]] = yaml.safe_load(raw) if raw.strip() else ""
-    return config_from_dict(tree)
+    return config_from_dict(tree, overrides)
 
 
 def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,

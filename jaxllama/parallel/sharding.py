@@ -75,9 +75,7 @@ class Layout:
 
     def shards(self, name: str) -> int:
         """Into how many pieces ``name`` is split (1 when replicated or unsharded)."""
-        axes = self.mesh_axes(name) if self.mesh is not None else None
-        axes = (axes,) if isinstance(axes, str) else (axes or ())
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in axis_tuple(self.mesh_axes(name)))
 
     # -- trees ---------------------------------------------------------------------------------
 
@@ -92,6 +90,11 @@ class Layout:
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
+
+
+def axis_tuple(axes: Any) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, a mesh axis, or a tuple of them) as a tuple of mesh axes."""
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def boxed_shapes(boxed_abstract: Any) -> list[tuple[str, tuple[int, ...], tuple[str | None, ...]]]:
@@ -120,8 +123,8 @@ def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...],
     logical axis, the mesh axes and the sizes: ``layers/self_attn/k_proj/kernel: kv_heads=512 over
     tensor=3 does not divide``. Whatever the rules are, built-in or custom, this is the check."""
     for name, shape, names in arrays:
-        for size, logical, axes in zip(shape, names, layout.spec(names)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        for size, logical, entry in zip(shape, names, layout.spec(names)):
+            axes = axis_tuple(entry)
             n = math.prod(layout.mesh.shape[a] for a in axes)
             if size % n:
                 mesh = ", ".join(f"{k}={v}" for k, v in layout.mesh.shape.items())

@@ -21,7 +21,7 @@ from jaxllama.config import Config
 from jaxllama.data.batch import BATCH_DTYPES
 from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama
 from jaxllama.parallel.mesh import MeshPlan
-from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, boxed_shapes,
+from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
 from jaxllama.program.step import TrainState, abstract_params, init_state, make_loss_fn, make_train_step, state_shardings
@@ -100,8 +100,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     d, t = cfg.data, cfg.train
     rows = layout.shards("activation_batch")
     if d.global_batch % (rows * t.grad_accum):
-        axes = layout.mesh_axes("activation_batch")
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = axis_tuple(layout.mesh_axes("activation_batch"))
         raise ShardError(f"data.global_batch={d.global_batch} must be divisible by mesh {' x '.join(axes)} = {rows}"
                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""),
                          "data.global_batch", d.global_batch, axes, rows)

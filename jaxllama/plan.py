@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 
@@ -111,14 +112,15 @@ def estimate_activations(a: Arch, sizes: dict[str, int], seq_len: int, global_ba
     return ActivationEstimate(saved=saved, layer_peak=layer_peak, loss=loss, total=saved + layer_peak + loss)
 
 
-def plan(cfg: Config, devices: int | None = None, device_memory: int | None = None) -> dict:
+def plan(cfg: Config, devices: int | None = None, device_memory: int | None = None, program: Any = None) -> dict:
     """Per-device memory of training ``cfg`` on ``devices`` (default: the devices present).
 
     Returns a dict of byte counts (params, optimizer, gradients, gathered layer weights,
-    activations, total) plus the mesh and, when ``device_memory`` is given, ``fits``.
+    activations, total) plus the mesh and, when ``device_memory`` is given, ``fits``. ``program``:
+    plan this already built program (as it will run here) instead of the accelerator's.
     """
     devices = jax.device_count() if devices is None else devices
-    program = build_program(cfg, devices, target_arch(cfg))
+    program = program or build_program(cfg, devices, target_arch(cfg))
     arch, abstract, shardings = program.arch, program.abstract_state, program.state_shardings
     params = per_device_bytes(abstract.params, shardings.params)
     opt = per_device_bytes(abstract.opt_state, shardings.opt_state)
@@ -145,7 +147,7 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     return out
 
 
-def check_host_memory(cfg: Config, devices: int) -> None:
+def check_host_memory(program: Any) -> None:
     """On CPU every (simulated) device lives in this host's RAM: refuse a run the plan says cannot fit,
     with one line, instead of being killed by the kernel's OOM killer minutes later."""
     if jax.default_backend() != "cpu":
@@ -155,7 +157,8 @@ def check_host_memory(cfg: Config, devices: int) -> None:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):  # not Linux: no check
         return
-    need = plan(cfg, devices=devices)["total_bytes"] * min(devices, jax.local_device_count())
+    cfg, devices = program.cfg, program.plan.size
+    need = plan(cfg, devices, program=program)["total_bytes"] * min(devices, jax.local_device_count())
     if need > avail:
         raise ConfigError(f"model.preset={cfg.model.preset}: training needs about {need / 2**30:.1f} GiB on this CPU "
                           f"(parameters, AdamW state, gradients, activations: see `jaxllama info`) but "

@@ -2,9 +2,9 @@
 
 Every token has ``branching`` possible successors, drawn Zipf-like from the vocabulary, so a
 model can learn the chain down to about ln(branching) nats while random weights start near
-ln(vocab): a real, visible learning signal for
-the demo and the tests, and free input for benchmarks. Batch ``i`` depends only on (seed, i), so
-the position in the stream is just the number of batches taken.
+ln(vocab): a real, visible learning signal for the tests (``data.source=synthetic``), and free
+input for benchmarks and machines without TensorFlow. Batch ``i`` depends only on (seed, i), so the
+position in the stream is just the number of batches taken.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     if not resume:
         refuse_existing(cfg)
     trainer = Trainer.build(cfg, devices, init=False)  # state filled below: restored, or initialized
-    check_host_memory(cfg, trainer.program.plan.size)  # before anything is allocated
+    check_host_memory(trainer.program)  # before anything is allocated
     run_dir = prepare_run_dir(cfg)
     if source is None:
         from jaxllama.data.sources import make_source

@@ -22,6 +22,7 @@ import yaml
 from jaxllama.errors import ConfigError
 from jaxllama.model.presets import PRESETS
 from jaxllama.parallel.mesh import AXES
+from jaxllama.parallel.sharding import LOGICAL_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
@@ -426,6 +427,10 @@ def _validate_rules(rules: list, key: str) -> None:
         if not ok or not isinstance(axes, (list, tuple)) or any(a not in AXES for a in axes if a is not None):
             raise ConfigError(f"{key}[{i}]: expected [logical_name, mesh_axis or [mesh_axes]] with axes "
                               f"from {', '.join(AXES)}; got {rule!r}")
+        if rule[0] not in LOGICAL_NAMES:  # a typo would silently leave its dimension unsharded
+            close = difflib.get_close_matches(rule[0], LOGICAL_NAMES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}[{i}]: {rule[0]!r} is not a logical axis{hint}; they are {', '.join(LOGICAL_NAMES)}")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

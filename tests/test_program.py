@@ -143,6 +143,11 @@ def test_parse_size_everywhere():
         parse_size("5 parsecs", "--shard-size")
 
 
+def test_a_rule_for_an_axis_that_does_not_exist_is_refused():
+    with pytest.raises(ConfigError, match=r"mesh.rules\[3\]: 'kv_head' is not a logical axis \(did you mean kv_heads\?\)"):
+        load_config(None, [rules_override([r if r[0] != "kv_heads" else ["kv_head", None] for r in KV_WHOLE])])
+
+
 def test_parse_rules_from_a_list_or_a_run_config(tmp_path):
     assert parse_rules("[[kv_heads, null]]") == [["kv_heads", None]]
     (tmp_path / "config.yaml").write_text("mesh:\n  rules: [[kv_heads, null], [heads, tensor]]\n")

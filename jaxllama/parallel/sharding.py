@@ -33,6 +33,7 @@ RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 # Activation names that do not follow their weight name's rule unless a rule names them.
 _ACTIVATION_DEFAULTS = {"activation_embed": None}
 _WEIGHT_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+LOGICAL_NAMES = _WEIGHT_NAMES + ("layers",) + tuple(ACTIVATION + n for n in _WEIGHT_NAMES)  # what a rule may name
 
 
 def rules_from_config(rules: list) -> tuple[tuple[str, Any], ...]:

@@ -24,7 +24,8 @@ from jaxllama.parallel.mesh import MeshPlan
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
-from jaxllama.program.step import TrainState, abstract_params, init_state, make_loss_fn, make_train_step, state_shardings
+from jaxllama.program.step import (TrainState, abstract_params, init_state, make_loss_fn, make_train_step,
+                                   state_shardings)
 
 # The activations the model constrains (and so the layout must split evenly), per token:
 # [batch, length, ...] plus these trailing dims. The KV cache uses the k/v names (CACHE_AXES).

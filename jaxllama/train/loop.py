@@ -21,13 +21,13 @@ import jax
 import numpy as np
 
 from jaxllama.checkpoint.manager import TrainCheckpoints
+from jaxllama.checkpoint.params import as_path, complete_steps
 from jaxllama.checkpoint.preemption import PreemptionWatch
 from jaxllama.config import Config, save_config
 from jaxllama.errors import ConfigError
 from jaxllama.plan import check_host_memory
 from jaxllama.program import Program, build_program
 from jaxllama.program.step import TrainState
-from jaxllama.checkpoint.params import as_path, complete_steps
 from jaxllama.train.metrics import MetricsLog
 
 
@@ -48,7 +48,6 @@ class Trainer:
     cfg = property(lambda self: self.program.cfg)
     arch = property(lambda self: self.program.arch)
     layout = property(lambda self: self.program.layout)
-    model = property(lambda self: self.program.model)
     tx = property(lambda self: self.program.tx)
     state_shardings = property(lambda self: self.program.state_shardings)
 

@@ -49,7 +49,7 @@ def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | No
     cfg = eval_config(loaded.model_cfg, data, tokenizer or loaded.tokenizer_path, seq_len, batch, overrides)
     arch = inference_arch(Arch.from_config(cfg.model), dtype)
     program = inference_program(arch, parse_mesh(mesh), devices, rules, data=cfg.data)
-    params = place_params(loaded.params, arch, program.layout)
+    params = place_params(loaded.params, arch, program.layout, program.state_shardings.params)
     source = make_source(cfg, split="eval")
     start = time.perf_counter()
     try:

@@ -46,8 +46,10 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     if tok.vocab_size > arch.vocab_size:
         raise ConfigError(f"--tokenizer {tok_path}: {tok.vocab_size} tokens, but the model's vocabulary has "
                           f"{arch.vocab_size}")
-    layout = inference_program(arch, parse_mesh(mesh), devices, rules).layout
-    params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout)  # numpy views, no copy
+    program = inference_program(arch, parse_mesh(mesh), devices, rules)
+    layout = program.layout
+    params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout,  # numpy views, no copy
+                          program.state_shardings.params)
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 
 

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 
 from jaxllama.config import DEFAULT_RULES, Config, DataConfig, MeshConfig, ModelConfig
 from jaxllama.errors import ConfigError
-from jaxllama.model.llama import Arch, Llama
+from jaxllama.model.llama import Arch, abstract_params
 from jaxllama.parallel.mesh import AXES, parse_mesh  # noqa: F401  (parse_mesh: the CLI's --mesh)
 from jaxllama.parallel.sharding import Layout, ShardError, place
 from jaxllama.program import Program, build_program
-from jaxllama.program.step import abstract_params
 
 
 def inference_program(a: Arch, sizes: dict[str, int] | None = None, devices: list | None = None,
@@ -79,15 +78,16 @@ def inference_arch(a: Arch, dtype: str | None = None, scan_layers: bool | None =
 
 def param_shardings(a: Arch, layout: Layout) -> Any:
     """NamedShardings for the canonical tree, from the model's logical axis names."""
-    return layout.tree_shardings(abstract_params(Llama(a)))
+    return layout.tree_shardings(abstract_params(a))
 
 
-def place_params(params: Any, a: Arch, layout: Layout) -> Any:
-    """Cast to ``a.param_dtype`` and put each leaf in its shards (:func:`jaxllama.parallel.sharding.place`)."""
+def place_params(params: Any, a: Arch, layout: Layout, shardings: Any = None) -> Any:
+    """Cast to ``a.param_dtype`` and put each leaf in its shards (:func:`jaxllama.parallel.sharding.place`);
+    ``shardings``: the program's (``program.state_shardings.params``), else derived from ``layout``."""
     dtype = jnp.dtype(a.param_dtype)
     if layout.mesh is None:
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    shardings = param_shardings(a, layout)
+    shardings = shardings or param_shardings(a, layout)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError("parameters do not match the model's tree (a checkpoint of another architecture?)")
     return place(params, shardings, dtype)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
-from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout
+from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout, boxed_shapes
 
 # Activations carry activation_* logical names (see jaxllama/parallel/sharding.py); weights the plain ones.
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -296,15 +296,21 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
     return out[0], out[1]
 
 
+def abstract_params(a: Arch) -> dict:
+    """Parameter shapes with their logical-axis boxes, never materialized. Traced unsharded with the
+    reference attention: parameters do not depend on the kernel, and a length-1 trace is below what
+    the TPU splash kernel accepts."""
+    a = dataclasses.replace(a, attention="xla")
+    return jax.eval_shape(lambda: Llama(a).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+
+
 @functools.lru_cache(maxsize=32)
 def param_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
     """The canonical tree's shapes, read off the model itself (never written out by hand):
     ``{"layers/self_attn/k_proj/kernel": (layers, dim, kv_heads * head_dim), ...}``, layers stacked.
-    Converters, the FLOPs count and the plan ask this; nothing is allocated."""
-    a = dataclasses.replace(a, scan_layers=True, remat="none", attention="xla")
-    tree = jax.eval_shape(lambda: nn.unbox(Llama(a).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): tuple(x.shape) for path, x in leaves}
+    Converters and the FLOPs count ask this; nothing is allocated."""
+    boxed = abstract_params(dataclasses.replace(a, scan_layers=True, remat="none"))
+    return {name: shape for name, shape, _ in boxed_shapes(boxed)}
 
 
 def head_kernel(params: dict, a: Arch) -> jax.Array:

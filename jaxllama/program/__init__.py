@@ -19,13 +19,12 @@ import numpy as np
 
 from jaxllama.config import Config
 from jaxllama.data.batch import BATCH_DTYPES
-from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama
+from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params
 from jaxllama.parallel.mesh import MeshPlan
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
-from jaxllama.program.step import (TrainState, abstract_params, init_state, make_loss_fn, make_train_step,
-                                   state_shardings)
+from jaxllama.program.step import TrainState, init_state, make_loss_fn, make_train_step, state_shardings
 
 # The activations the model constrains (and so the layout must split evenly), per token:
 # [batch, length, ...] plus these trailing dims. The KV cache uses the k/v names (CACHE_AXES).
@@ -105,7 +104,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
         raise ShardError(f"data.global_batch={d.global_batch} must be divisible by mesh {' x '.join(axes)} = {rows}"
                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""),
                          "data.global_batch", d.global_batch, axes, rows)
-    boxed = abstract_params(model)
+    boxed = abstract_params(arch)
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
     abstract, shardings = state_shardings(boxed, tx, layout)

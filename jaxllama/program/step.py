@@ -135,16 +135,9 @@ def _init_model(model: Llama) -> Llama:
     return model.clone(layout=Layout(None), a=dataclasses.replace(model.a, attention="xla"))
 
 
-def abstract_params(model: Llama, seq_len: int = 1) -> Any:
-    """Parameter shapes with their logical-axis boxes, never materialized."""
-    unsharded = _init_model(model)
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda t: unsharded.init(jax.random.key(0), t)["params"], tokens)
-
-
 def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
-    """(abstract state, its shardings) from boxed abstract params (:func:`abstract_params`): parameters
-    by their logical names, moments like their params."""
+    """(abstract state, its shardings) from boxed abstract params (``jaxllama.model.llama.abstract_params``):
+    parameters by their logical names, moments like their params."""
     param_sh = layout.tree_shardings(boxed)
     params = nn.unbox(boxed)
     opt = jax.eval_shape(tx.init, params)

@@ -5,7 +5,14 @@
 With ``--torch`` the same architecture (Hugging Face ``LlamaForCausalLM``, PyTorch, AdamW) trains
 on the same batch shape in the same process, so the two figures share the machine's state. Both
 MFUs use ARCHITECTURE.md's FLOPs per token and the same peak; ``ratio`` = jaxllama / torch tokens/s.
+With ``--maxtext PYTHON`` MaxText's own train step (``benchmarks/maxtext_step.py``, run by that
+Python: MaxText needs 3.12 and its own venv; the ``tiny`` shapes only) is timed in the same run.
+``--rounds R`` interleaves the three R times (the 2-core dev box drifts by up to 2x over minutes)
+and reports each one's median and the median of the per-round ratios.
 Extra ``key=value`` arguments are jaxllama config overrides (e.g. ``model.dtype=bfloat16 mesh.tensor=2``).
+
+    python benchmarks/train_throughput.py --preset tiny --seq-len 256 --batch 8 --torch \
+        --maxtext /work/mtvenv/bin/python --rounds 3
 """
 
 from __future__ import annotations
@@ -26,21 +33,39 @@ from jaxllama.plan import flops_per_token
 from jaxllama.train.metrics import peak_flops_per_device
 
 
-def bench_jaxllama(cfg, warmup: int, steps: int) -> dict:
+def jaxllama_runner(cfg, warmup: int, steps: int):
+    """Build and compile once; each call of the returned function times ``steps`` more steps."""
     trainer = Trainer.build(cfg)
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.global_batch, seed=0)
     batches = [trainer.global_batch(next(src)) for _ in range(2)]
     compile_s = trainer.compile(batches[0])
-    for i in range(warmup):
-        metrics = trainer.step(batches[i % 2])
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(steps):
-        metrics = trainer.step(batches[i % 2])
-    jax.block_until_ready((metrics, trainer.state))
-    elapsed = time.perf_counter() - start
-    return dict(tokens_per_s=steps * cfg.data.global_batch * cfg.data.seq_len / elapsed, compile_s=compile_s,
-                final_loss=float(metrics["loss"]), arch=trainer.arch, devices=trainer.layout.mesh.size)
+
+    def run() -> dict:
+        for i in range(warmup):
+            metrics = trainer.step(batches[i % 2])
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for i in range(steps):
+            metrics = trainer.step(batches[i % 2])
+        jax.block_until_ready((metrics, trainer.state))
+        elapsed = time.perf_counter() - start
+        return dict(tokens_per_s=steps * cfg.data.global_batch * cfg.data.seq_len / elapsed, compile_s=compile_s,
+                    final_loss=float(metrics["loss"]), arch=trainer.arch, devices=trainer.layout.mesh.size)
+
+    return run
+
+
+def bench_maxtext(python: str, seq_len: int, batch: int, warmup: int, steps: int) -> dict:
+    """MaxText's own step for the ``tiny`` shapes, in its own interpreter (benchmarks/maxtext_step.py)."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maxtext_step.py")
+    proc = subprocess.run([python, script, "--seq-len", str(seq_len), "--batch", str(batch), "--steps", str(steps),
+                           "--warmup", str(warmup)], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=1800)
+    if proc.returncode:
+        raise SystemExit(f"maxtext_step.py failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_torch(arch, seq_len: int, batch: int, warmup: int, steps: int) -> dict:
@@ -82,28 +107,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--torch", action="store_true", help="also train HF transformers (PyTorch) in this run")
+    p.add_argument("--maxtext", metavar="PYTHON", help="also time MaxText's step with this interpreter (its venv)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every framework (medians)")
     p.add_argument("overrides", nargs="*", help="jaxllama config overrides")
     args = p.parse_args(argv)
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}",
                              f"data.global_batch={args.batch}", "optim.warmup_steps=0", *args.overrides])
+    if args.maxtext and args.preset != "tiny":
+        raise SystemExit("--maxtext: benchmarks/maxtext_step.py builds the tiny preset's shapes only")
     peak, peak_src = peak_flops_per_device(cfg.train.peak_flops)
-    ours = bench_jaxllama(cfg, args.warmup, args.steps)
-    arch = ours.pop("arch")
+    run_ours = jaxllama_runner(cfg, args.warmup, args.steps)
+    rounds: list[dict] = []
+    for _ in range(args.rounds):
+        r = dict(ours=run_ours())
+        if args.torch:
+            r["torch"] = bench_torch(r["ours"]["arch"], args.seq_len, args.batch, args.warmup, args.steps)
+        if args.maxtext:
+            r["maxtext"] = bench_maxtext(args.maxtext, args.seq_len, args.batch, args.warmup, args.steps)
+        rounds.append(r)
+    ours = rounds[-1]["ours"]
+    arch = ours["arch"]
     flops = flops_per_token(arch, args.seq_len)
     n = ours["devices"]
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    ours_tps = med([r["ours"]["tokens_per_s"] for r in rounds])
     result = dict(preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=arch.dtype,
                   attention=arch.attention, backend=jax.default_backend(), devices=n,
                   device_kind=jax.devices()[0].device_kind, peak_flops_per_device=peak, peak_source=peak_src,
-                  flops_per_token=flops, jaxllama_tokens_per_s=round(ours["tokens_per_s"], 1),
-                  jaxllama_mfu=round(ours["tokens_per_s"] / n * flops / peak, 4) if peak else None,
+                  flops_per_token=flops, rounds=args.rounds, jaxllama_tokens_per_s=round(ours_tps, 1),
+                  jaxllama_rounds=[round(r["ours"]["tokens_per_s"], 1) for r in rounds],
+                  jaxllama_mfu=round(ours_tps / n * flops / peak, 4) if peak else None,
                   jaxllama_compile_s=round(ours["compile_s"], 2))
     if args.torch:
-        theirs = bench_torch(arch, args.seq_len, args.batch, args.warmup, args.steps)
+        theirs = med([r["torch"]["tokens_per_s"] for r in rounds])
         host_peak = peak * jax.local_device_count() if jax.default_backend() == "cpu" else peak
-        result.update(torch_tokens_per_s=round(theirs["tokens_per_s"], 1),
-                      torch_mfu=round(theirs["tokens_per_s"] * flops / host_peak, 4) if peak else None,
-                      torch_threads=theirs["threads"],
-                      ratio=round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3))
+        result.update(torch_tokens_per_s=round(theirs, 1),
+                      torch_rounds=[round(r["torch"]["tokens_per_s"], 1) for r in rounds],
+                      torch_mfu=round(theirs * flops / host_peak, 4) if peak else None,
+                      torch_threads=rounds[-1]["torch"]["threads"],
+                      ratio=round(med([r["ours"]["tokens_per_s"] / r["torch"]["tokens_per_s"] for r in rounds]), 3))
+    if args.maxtext:
+        result.update(maxtext_tokens_per_s=round(med([r["maxtext"]["maxtext_tokens_per_s"] for r in rounds]), 1),
+                      maxtext_rounds=[round(r["maxtext"]["maxtext_tokens_per_s"], 1) for r in rounds],
+                      maxtext_version=rounds[-1]["maxtext"].get("maxtext_version"),
+                      maxtext_jax=rounds[-1]["maxtext"].get("jax_version"),
+                      ratio_maxtext=round(med([r["ours"]["tokens_per_s"] / r["maxtext"]["maxtext_tokens_per_s"]
+                                               for r in rounds]), 3))
     print(json.dumps(result))
 
 

@@ -63,18 +63,41 @@ def _add_info(sub) -> None:
 
 
 def _add_compile_check(sub) -> None:
-    p = sub.add_parser("compile-check", help="compile the real train step for N simulated devices", epilog=EPILOG,
-                       description="Lower and compile the train step for the configured mesh on N simulated CPU "
-                                   "devices with abstract (unallocated) inputs, and print XLA's memory analysis.")
+    p = sub.add_parser("compile-check", help="compile the real train step for a TPU slice or N simulated devices",
+                       epilog=EPILOG,
+                       description="Lower and compile the train step (and with --generate the prefill and decode "
+                                   "steps) for the configured mesh with abstract (unallocated) inputs, and print "
+                                   "the compiler's per-chip memory analysis; for a TPU slice also whether it fits "
+                                   "in HBM, its FLOPs and bytes and the roofline bound.")
     _add_config_args(p)
-    p.add_argument("--devices", type=int, required=True, help="number of devices to simulate (the mesh's product)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", help="a TPU slice, e.g. v5p-64, v5e-256, v6e-8, v4-32: compile with the real TPU "
+                                        "compiler (needs pip install -e '.[tpu]')")
+    where.add_argument("--devices", type=int, help="number of CPU devices to simulate (the mesh's product)")
+    p.add_argument("--slices", type=int, default=1, help="with --target: this many slices over DCN (multi-slice)")
+    p.add_argument("--generate", action="store_true", help="also compile generate's prefill and decode steps")
+    p.add_argument("--batch", type=int, default=0, help="with --generate: rows (default: one per batch shard)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="with --generate: prompt tokens (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="with --generate: new tokens (default 256)")
     p.set_defaults(func=cmd_compile_check)
 
 
 def cmd_compile_check(args) -> int:
-    from jaxllama.compile_check import compile_check, format_report
+    import jax
 
-    print(format_report(compile_check(args.config, args.overrides, args.devices)))
+    from jaxllama.compile_check import GenerateShape, compile_check, format_report
+
+    # This process only validates and starts the compiling one: it must not claim an accelerator (or
+    # libtpu's lock) that process needs, so it stays on the CPU.
+    jax.config.update("jax_platforms", "cpu")
+    generate = None
+    if args.generate:
+        for flag, value, low in (("--batch", args.batch, 0), ("--prompt-len", args.prompt_len, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1)):
+            if value < low:
+                raise ConfigError(f"{flag}: must be >= {low}, got {value}")
+        generate = GenerateShape(args.batch, args.prompt_len, args.max_new_tokens)
+    print(format_report(compile_check(args.config, args.overrides, args.devices, args.target, args.slices, generate)))
     return 0
 
 
@@ -276,10 +299,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _skip_absent_tpu() -> None:
+    """With the TPU compiler installed (the ``tpu`` extra, for compile-check) on a machine with no TPU
+    and no GPU plugin, JAX would start libtpu anyway: it prints a page of warnings, probes the network
+    for TPU metadata and takes a lock only one process may hold. Use the CPU there, unless
+    ``JAX_PLATFORMS`` says otherwise. TPU VMs expose their chips as /dev/accel* or /dev/vfio/N."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _skip_absent_tpu()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

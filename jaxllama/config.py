@@ -346,6 +346,9 @@ def validate(cfg: Config) -> None:
     _choice("model.attention", m.attention, ATTENTION_IMPLS)
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _positive("data.seq_len", d.seq_len)
+    if m.attention == "cudnn" and m.dtype not in ("auto", "bfloat16", "float16"):
+        raise ConfigError(f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN flash attention "
+                          f"takes half precision), got {m.dtype}; use model.attention=auto or dot_product")
     if m.attention == "splash" and d.seq_len % 128:
         raise ConfigError(f"data.seq_len={d.seq_len}: model.attention=splash needs a multiple of 128")
     _positive("data.global_batch", d.global_batch)

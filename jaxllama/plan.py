@@ -18,8 +18,9 @@ Korthikanti et al. 2022, adapted to this model. ``jaxllama compile-check`` gives
 for the same configuration; the tests hold the estimate to it.
 
 The planner targets accelerators: ``model.dtype: auto`` counts as bfloat16 and ``attention: auto``
-as a flash kernel (cuDNN / splash: no ``[seq, seq]`` scores kept). Only ``attention: xla`` keeps the
-float32 score matrix for the backward pass.
+as a flash kernel (cuDNN / splash: no ``[seq, seq]`` scores kept). The ``xla`` reference keeps no
+scores either (its backward recomputes them) but materializes one layer's float32 scores and their
+gradients at a time.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def estimate_activations(a: Arch, sizes: dict[str, int], seq_len: int, global_ba
             + d)  # down_proj output
     full_bytes = full * b + (a.n_heads / tp) * 4 + 2 * d * 4  # logsumexp; float32 rsqrt/norm inputs
     scores = 0.0
-    if a.attention == "xla":  # the reference kernel keeps float32 scores and probabilities [heads, len] per token
-        full_bytes += (a.n_heads / tp) * seq_len * (4 + 4 + b)
-        scores = (a.n_heads / tp) * seq_len * 8  # their float32 gradients while a layer is differentiated
+    if a.attention == "xla":  # the reference kernel keeps only a logsumexp too, but while one layer is
+        # differentiated it recomputes float32 scores/probabilities and their gradients [heads, len] per token
+        scores = (a.n_heads / tp) * seq_len * 12
     if a.remat == "none":
         per_layer = full_bytes
     elif a.remat == "save_dots":  # weight-matmul outputs only: q, k, v, o, gate, up, down, plus the input

@@ -45,17 +45,17 @@ def test_compile_check_llama3_8b_on_16_devices_matches_the_plan():
     report = compile_check(None, LLAMA3_8B_16, devices=16)
     assert report.devices == 16 and report.mesh == dict(data=1, fsdp=8, tensor=2) and report.n_layers == 32
     # FSDP gathers weights; tensor parallelism all-reduces partial sums.
-    assert report.collectives.get("all-gather", 0) > 0 and report.collectives.get("all-reduce", 0) > 0
+    assert report.train.collectives.get("all-gather", 0) > 0 and report.train.collectives.get("all-reduce", 0) > 0
     # The donated state is reused for the new state: all outputs but the few metric scalars alias it.
-    assert 0 <= report.output_bytes - report.alias_bytes < 1024
+    assert 0 <= report.train.output_bytes - report.train.alias_bytes < 1024
     p = plan(load_config(None, LLAMA3_8B_16), devices=16)
     batch = 16 // 8 * 8192 * BATCH_KEYS * 4
     # Exact: the planner's shards are the ones XLA lays out (+4 bytes for the int32 step counter).
-    assert report.argument_bytes == p["param_bytes"] + p["opt_bytes"] + batch + 4
+    assert report.train.argument_bytes == p["param_bytes"] + p["opt_bytes"] + batch + 4
     # The planner counts attention as a flash kernel; compare like with like (xla kernel on CPU).
     p_xla = plan(load_config(None, LLAMA3_8B_16 + ["model.attention=xla"]), devices=16)
-    ratio = p_xla["total_bytes"] / report.peak_bytes
-    assert 0.6 < ratio < 1.6, (p_xla["total_bytes"], report.peak_bytes)
+    ratio = p_xla["total_bytes"] / report.train.peak_bytes
+    assert 0.6 < ratio < 1.6, (p_xla["total_bytes"], report.train.peak_bytes)
     text = format_report(report)
     assert "temporaries" in text and "peak" in text and "16 devices" in text
 

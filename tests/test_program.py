@@ -261,4 +261,4 @@ def test_every_verb_takes_the_replicated_kv_rules(kv_model, capsys):
     info = run("info", "--devices", "8", "--device-memory", "16GB", "--config", ok, *model)
     assert "tensor=8" in info and "FITS" in info
     report = run("compile-check", "--devices", "8", "--config", ok, *model)
-    assert "compiled the train step" in report and "tensor=8" in report
+    assert "train step: compiled" in report and "tensor=8" in report

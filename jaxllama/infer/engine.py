@@ -256,3 +256,25 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
     if sharding is None:
         return jnp.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def lower_generate(params: dict, arch: Arch, layout: Layout, batch: int, prompt_len: int, max_new: int,
+                   sampling: Sampling = Sampling()) -> tuple:
+    """The compiled prefill and decode loop of :class:`Engine` for abstract ``params``
+    (ShapeDtypeStructs carrying their shardings), ``batch`` rows of ``prompt_len`` tokens and a cache
+    of ``prompt_len + max_new`` slots: what ``jaxllama compile-check --generate`` reports on.
+    Nothing is allocated; the decode loop is lowered on the prefill's own output shardings."""
+    prog = _Program(arch, layout, None, dataclasses.replace(sampling, seed=0))
+    rows = None if layout.mesh is None else layout.sharding(("activation_batch",))
+
+    def sds(shape, dtype, sharding=rows):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    i32 = jnp.int32
+    prefill = _prefill.lower(params, sds((batch, prompt_len), i32), sds((batch,), i32), sds((batch,), i32),
+                             sds((batch,), jnp.bool_), sds((1,), i32, None), sds((), i32, None), prog=prog,
+                             cache_len=prompt_len + max_new, max_new=max_new).compile()
+    state = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
+                         prefill.out_info, prefill.output_shardings)
+    decode = _chunk.lower(params, state, sds((), i32, None), prog=prog).compile()
+    return prefill, decode

@@ -27,16 +27,75 @@ def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.A
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [b, t, h, d] -> [b, kv_heads, group * t, d] (the query heads of one KV head as one block of
+    rows); k, v [b, s, kv_heads, d] -> [b, kv_heads, s, d]. Every matmul below is then a plain
+    batched [rows, inner] x [inner, cols] product."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
-    mask = causal_mask(segment_ids, t, k.shape[1])[:, None, None]
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
+    return qh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+
+def _scores(qh: jax.Array, kh: jax.Array, segment_ids: jax.Array | None, t: int) -> jax.Array:
+    """Masked float32 scores [b, kv_heads, group * t, s] of head-major q and k."""
+    b, kv_heads, rows, d = qh.shape
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) / np.sqrt(d)
+    scores = scores.reshape(b, kv_heads, rows // t, t, kh.shape[2])
+    # An additive [batch, t, s] bias, broadcast over heads inside the add: a select against a mask
+    # broadcast to every head makes XLA:CPU write that mask (and the fill value) out in full.
+    bias = jnp.where(causal_mask(segment_ids, t, kh.shape[2]), 0.0, MASK_VALUE).astype(jnp.float32)
+    return (scores + bias[:, None, None]).reshape(b, kv_heads, rows, kh.shape[2])
+
+
+def _from_heads_major(x: jax.Array, shape: tuple) -> jax.Array:
+    b, t, h, d = shape
+    kv_heads = x.shape[1]
+    return x.reshape(b, kv_heads, h // kv_heads, t, d).transpose(0, 3, 1, 2, 4).reshape(shape)
+
+
+@jax.custom_vjp
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The reference: plain einsums and a float32 softmax.
+
+    Its backward keeps what a flash kernel keeps -- q, k, v, the output and the log-sum-exp per
+    query -- and recomputes the probabilities from them, instead of autodiff's float32 [seq, seq]
+    probabilities and mask for every layer (on CPU a tenth of the train-step time is writing and
+    reading those back; on any backend they are most of the activation memory at long sequences).
+    """
+    return _xla_forward(q, k, v, segment_ids)[0]
+
+
+def _xla_forward(q, k, v, segment_ids):
+    qh, kh, vh = _heads_major(q, k, v)
+    scores = _scores(qh, kh, segment_ids, q.shape[1])
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
+    return _from_heads_major(jnp.einsum("bkqs,bksd->bkqd", probs, vh), q.shape), lse
+
+
+def _xla_fwd(q, k, v, segment_ids):
+    out, lse = _xla_forward(q, k, v, segment_ids)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _xla_bwd(res, d_out):
+    q, k, v, segment_ids, out, lse = res
+    d = q.shape[-1]
+    qh, kh, vh = _heads_major(q, k, v)
+    doh, oh = _heads_major(d_out, k, v)[0], _heads_major(out, k, v)[0]
+    probs = jnp.exp(_scores(qh, kh, segment_ids, q.shape[1]) - lse[..., None])  # float32; masked: exactly 0
+    # Contractions over query rows take the small [rows, d] operand transposed (not the [rows, s] one).
+    dvh = jnp.einsum("bkdq,bkqs->bksd", jnp.swapaxes(doh, 2, 3), probs.astype(v.dtype))
+    dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh, preferred_element_type=jnp.float32)
+    delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1)
+    ds = (probs * (dp - delta[..., None]) / np.sqrt(d)).astype(q.dtype)
+    dqh = jnp.einsum("bkqs,bksd->bkqd", ds, kh)
+    dkh = jnp.einsum("bkdq,bkqs->bksd", jnp.swapaxes(qh, 2, 3), ds)
+    return _from_heads_major(dqh, q.shape), jnp.swapaxes(dkh, 1, 2), jnp.swapaxes(dvh, 1, 2), None
+
+
+xla_attention.defvjp(_xla_fwd, _xla_bwd)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -47,35 +106,61 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+SPLASH_BLOCK = 128  # splash works in blocks of 128 positions (its minimum block on TPU)
+
+
+def splash_supports(q_len: int) -> bool:
+    """Whether the splash kernel takes this sequence length (whole blocks of :data:`SPLASH_BLOCK`)."""
+    return q_len % SPLASH_BLOCK == 0
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                     mesh: jax.sharding.Mesh | None = None, batch_axes=None, head_axes=None) -> jax.Array:
-    """TPU splash attention. ``batch_axes``/``head_axes``: the mesh axes the batch and heads are split
-    over (from the logical rules); the kernel runs once per shard under ``shard_map``."""
+                     mesh: jax.sharding.Mesh | None = None, batch_axes=None, head_axes=None,
+                     kv_head_axes=None) -> jax.Array:
+    """TPU splash attention. ``batch_axes``/``head_axes``/``kv_head_axes``: the mesh axes the batch,
+    query heads and KV heads are split over (from the logical rules); the kernel runs once per shard
+    under ``shard_map``. When KV heads are split differently from query heads (e.g. kept whole on
+    every device), K and V are repeated to the query head count first, so each shard holds the KV
+    heads of its own query heads.
+
+    Grouped-query attention runs as one multi-query kernel per KV head (vmapped over KV heads and
+    rows), as MaxText does: K and V are never repeated to the query head count, so their gradients
+    are computed once per KV head, not once per query head.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, d = q.shape
-    interpret = jax.default_backend() != "tpu"
-    block = min(512, t)
+    # Interpret (plain HLO) unless compiling for TPUs: the mesh's devices say, not the default backend,
+    # so compiling for a TPU topology from a CPU host (compile-check --target) builds the real kernel.
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
+    interpret = platform != "tpu"
+    block = next(n for n in (512, 256, SPLASH_BLOCK) if t % n == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     if segment_ids is None:
         segment_ids = jnp.zeros((b, t), jnp.int32)
 
     def per_shard(q, k, v, seg):
-        heads = q.shape[2]
-        mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-        group = heads // k.shape[2]
-        # The kernel wants [heads, len, head_dim] per example and the same head count for k and v.
-        qh = jnp.swapaxes(q, 1, 2) / np.sqrt(d)
-        kh = jnp.repeat(jnp.swapaxes(k, 1, 2), group, axis=1)
-        vh = jnp.repeat(jnp.swapaxes(v, 1, 2), group, axis=1)
-        out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)
-        return jnp.swapaxes(out, 1, 2)
+        kv_heads = k.shape[2]
+        group = q.shape[2] // kv_heads
+        mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
+        kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+        # q: [b, t, kv_heads * group, d] -> [b, kv_heads, group, t, d]; k, v: [b, kv_heads, t, d].
+        qg = jnp.moveaxis(q.reshape(q.shape[0], t, kv_heads, group, d), 1, 3) / np.sqrt(d)
+        kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+        def one_row(qr, kr, vr, s):
+            ids = sk.SegmentIds(q=s, kv=s)
+            return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(qr, kr, vr)
+
+        out = jax.vmap(one_row)(qg, kh, vh, seg)  # [b, kv_heads, group, t, d]
+        return jnp.moveaxis(out, 3, 1).reshape(q.shape)
 
     if mesh is None or mesh.size == 1:
         return per_shard(q, k, v, segment_ids)
+    if kv_head_axes != head_axes and k.shape[2] != h:
+        k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
     P = jax.sharding.PartitionSpec
     qkv = P(batch_axes, None, head_axes, None)
     fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
@@ -101,16 +186,20 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def resolve_impl(name: str) -> str:
-    """``auto`` picks the fastest kernel for the backend in use."""
+def resolve_impl(name: str, dtype: str | None = None) -> str:
+    """``auto`` picks the fastest kernel for the backend in use: splash on TPU; on GPU cuDNN flash
+    attention, which takes only half-precision inputs (float32 runs XLA's ``dot_product``)."""
     if name != "auto":
         return name
     backend = jax.default_backend()
-    return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
+    if backend == "gpu":
+        return "cudnn" if dtype in (None, "bfloat16", "float16") else "dot_product"
+    return {"tpu": "splash"}.get(backend, "xla")
 
 
 def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-           mesh: jax.sharding.Mesh | None = None, batch_axes=None, head_axes=None) -> jax.Array:
+           mesh: jax.sharding.Mesh | None = None, batch_axes=None, head_axes=None,
+           kv_head_axes=None) -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids)
@@ -118,8 +207,10 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         return dot_product_attention(q, k, v, segment_ids)
     if impl == "cudnn":
         return dot_product_attention(q, k, v, segment_ids, implementation="cudnn")
-    if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, mesh, batch_axes, head_axes)
+    if impl == "splash" and splash_supports(q.shape[1]):
+        return splash_attention(q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes)
+    if impl == "splash":  # a length splash does not take (a short prefill): the reference, same result
+        return xla_attention(q, k, v, segment_ids)
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 

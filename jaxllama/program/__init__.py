@@ -88,9 +88,11 @@ class Program:
         return init_state(self.model, self.tx, self.state_shardings, self.cfg.train.seed if seed is None else seed)
 
 
-def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | None = None) -> Program:
+def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | None = None,
+                  unroll_loss: bool = False) -> Program:
     """Build and validate the program of ``cfg`` on ``devices`` (default: all of JAX's; an int: an
-    abstract mesh of that many devices). ``arch`` overrides the model config's (inference dtypes)."""
+    abstract mesh of that many devices). ``arch`` overrides the model config's (inference dtypes);
+    ``unroll_loss``: the loss chunks without a loop (compile-check's cost variants)."""
     n = (jax.device_count() if devices is None else devices) if isinstance(devices, (int, type(None))) else len(devices)
     plan = MeshPlan.resolve(cfg.mesh, n)
     mesh = plan.abstract() if isinstance(devices, int) else plan.build(jax.devices() if devices is None else devices)
@@ -109,7 +111,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     tx, schedule = make_optimizer(cfg.optim, t.steps)
     abstract, shardings = state_shardings(boxed, tx, layout)
     batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
-    loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk)
+    loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk, unroll_loss)
     step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout)
     train_step = jax.jit(step, in_shardings=(shardings, batch.shardings()),
                          out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))

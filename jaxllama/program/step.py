@@ -36,30 +36,36 @@ def loss_chunk_size(seq_len: int, vocab: int, requested: int = 0) -> int:
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array,
-                          chunk: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """Sums of masked next-token NLL and of logsumexp^2 (for z-loss), in float32, chunk by chunk."""
+                          chunk: int, dtype: Any, unroll: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sums of masked next-token NLL and of logsumexp^2 (for z-loss), in float32, chunk by chunk.
+    ``unroll``: no loop over chunks (the same computation; compile-check's cost variants)."""
     b, t, d = hidden.shape
     n = t // chunk
-    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    ms = mask.reshape(b, n, chunk).swapaxes(0, 1).astype(F32)
 
-    @jax.checkpoint
-    def one(h, tgt, m):
+    def sums(h, tgt, m):
         logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=F32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - picked) * m), jnp.sum(lse * lse * m)
 
+    if n == 1:  # the whole sequence is one chunk (small vocabularies): no loop, and no recomputed head
+        return sums(hidden, targets, mask.astype(F32))
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ms = mask.reshape(b, n, chunk).swapaxes(0, 1).astype(F32)
+
+    one = jax.checkpoint(sums)  # only one chunk's logits exist at a time, forward and backward
+
     def body(carry, xs):
         nll, z = one(*xs)
         return (carry[0] + nll, carry[1] + z), None
 
-    (nll, z), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), F32)), (hs, ts, ms))
+    (nll, z), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), F32)), (hs, ts, ms), unroll=n if unroll else 1)
     return nll, z
 
 
-def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_chunk: int = 0) -> Callable:
+def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_chunk: int = 0,
+                 unroll: bool = False) -> Callable:
     """``loss_fn(params, batch) -> (objective_sum, (nll_sum, n_tokens))``: sums, so micro-batches add up."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
 
@@ -67,7 +73,7 @@ def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_
         hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                              method=Llama.hidden)
         nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
-                                       chunk, a.dtype)
+                                       chunk, a.dtype, unroll)
         return nll + z_loss * z, (nll, jnp.sum(batch["loss_mask"].astype(F32)))
 
     return loss_fn

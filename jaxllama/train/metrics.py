@@ -20,15 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllama.errors import RunError
+from jaxllama.parallel.chips import chip_for
 from jaxllama.plan import flops_per_token
-
-# Dense bf16 peak FLOP/s per device, matched against jax's device_kind (first match wins).
-PEAK_FLOPS = [
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12),
-    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v4", 275e12), ("TPU v3", 123e12),
-]
-
 
 def measure_cpu_flops(seconds: float = 0.5) -> float:
     """Sustained float32 matmul FLOP/s of this host (all cores), for MFU on CPU."""
@@ -48,9 +41,9 @@ def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
     if configured:
         return configured, "configured (train.peak_flops)"
     kind = jax.devices()[0].device_kind
-    for name, value in PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return value, f"table ({kind} bf16 dense)"
+    chip = chip_for(kind)
+    if chip is not None:
+        return chip.peak_flops, f"table ({kind} bf16 dense)"
     if jax.default_backend() == "cpu":
         # Simulated CPU devices share the host's cores, so each gets an equal part of the host.
         return measure_cpu_flops() / jax.local_device_count(), "measured (float32 matmul on this CPU)"

@@ -135,17 +135,22 @@ def compile_train_step(cfg: Config, devices: list | None = None) -> StepStats:
 
 
 def _compile(what: str, lower, options: dict | None = None) -> tuple:
+    """(compiled, seconds) of ``lower().compile(options)``; a compiler error becomes one line."""
+    return _timed(what, lambda: lower().compile(compiler_options=options))
+
+
+def _timed(what: str, fn) -> tuple:
     import time
 
     start = time.perf_counter()
     try:
-        compiled = lower().compile(compiler_options=options)
+        result = fn()
     except JaxllamaError:
         raise
-    except Exception as e:  # XLA reports sharding/shape problems as assorted exception types
+    except Exception as e:  # XLA reports sharding/shape/memory problems as assorted exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"compiling {what} failed: {first}") from e
-    return compiled, time.perf_counter() - start
+    return result, time.perf_counter() - start
 
 
 # TPU compiler options for the cost variants: no windowed einsums (the same FLOPs, without loops).
@@ -207,8 +212,8 @@ def generate_steps(cfg: Config, devices: list, arch: Arch, shape: GenerateShape)
     c.data.global_batch, c.data.seq_len = rows, shape.prompt_len
     program = build_program(c, devices, a)
     params = program.abstract_inputs()[0].params
-    (prefill, decode), seconds = _timed(lambda: lower_generate(params, a, program.layout, rows, shape.prompt_len,
-                                                               shape.max_new))
+    (prefill, decode), seconds = _timed("the generate steps", lambda: lower_generate(
+        params, a, program.layout, rows, shape.prompt_len, shape.max_new))
     n = len(devices)
     cache = shape.prompt_len + shape.max_new
     per_token = 2 * matmul_params(a)
@@ -225,20 +230,6 @@ def generate_steps(cfg: Config, devices: list, arch: Arch, shape: GenerateShape)
         out.append(dataclasses.replace(s, flops=float(ca.get("flops", 0.0)),
                                        bytes_accessed=float(ca.get("bytes accessed", 0.0))))
     return out
-
-
-def _timed(fn):
-    import time
-
-    start = time.perf_counter()
-    try:
-        result = fn()
-    except JaxllamaError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"compiling the generate steps failed: {first}") from e
-    return result, time.perf_counter() - start
 
 
 def with_slices(overrides: list[str], cfg: Config, slices: int) -> list[str]:

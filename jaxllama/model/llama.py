@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
 from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout, boxed_shapes
@@ -36,7 +37,9 @@ KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "acti
 F32 = jnp.float32
 _REMAT = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+    # Keep weight-matmul outputs: those of `dense` by name (a custom VJP hides its dot from the policy).
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names("dense")),
 }
 
 
@@ -132,7 +135,7 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
         kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(self.a.param_dtype))
-        return dense(x.astype(self.a.dtype), kernel.astype(self.a.dtype))
+        return checkpoint_name(dense(x.astype(self.a.dtype), kernel.astype(self.a.dtype)), "dense")
 
 
 class Attention(nn.Module):

@@ -112,17 +112,22 @@ def compile_steps(cfg: Config, devices: list | None = None, target: TpuTarget | 
     try:
         train, seconds = _compile("the train step", lambda: program.train_step.lower(state, batch))
     except RunError as e:
-        oom = re.search(r"(?:RESOURCE_EXHAUSTED|Ran out of memory)[^\n]*", str(e))
-        if oom is None or target is None:
+        if not _out_of_memory(e) or target is None:
             raise
         # The TPU compiler refuses a program that cannot fit: that is the answer, not a failure.
-        return report(steps=[StepStats("train step", 0.0, 0, 0, 0, 0, 0, 0, error=oom.group(0).strip())])
+        return report(steps=[StepStats("train step", 0.0, 0, 0, 0, 0, 0, 0, error=_out_of_memory(e))])
     stats = step_stats("train step", train, seconds, flops_per_token(arch, cfg.data.seq_len) * tokens / len(devices),
                        tokens)
     if target is not None and cost:
-        flops, nbytes, cost_notes = train_cost(cfg, devices, arch)
-        stats = dataclasses.replace(stats, flops=flops, bytes_accessed=nbytes)
-        notes += cost_notes
+        try:
+            flops, nbytes, cost_notes = train_cost(cfg, devices, arch)
+            stats = dataclasses.replace(stats, flops=flops, bytes_accessed=nbytes)
+            notes += cost_notes
+        except RunError as e:
+            if not _out_of_memory(e):
+                raise
+            # Without loops the compiler cannot reuse one layer's buffers for the next.
+            notes.append(f"no FLOPs/roofline: the loop-free cost variants do not fit in HBM ({_out_of_memory(e)})")
     steps = [stats]
     if generate is not None:
         steps += generate_steps(cfg, devices, arch, generate)
@@ -132,6 +137,12 @@ def compile_steps(cfg: Config, devices: list | None = None, target: TpuTarget | 
 def compile_train_step(cfg: Config, devices: list | None = None) -> StepStats:
     """The train step's figures alone (the planner's tests compare against them)."""
     return compile_steps(cfg, devices).train
+
+
+def _out_of_memory(e: Exception) -> str:
+    """The compiler's out-of-HBM message in ``e`` ('' when it is another error)."""
+    m = re.search(r"(?:RESOURCE_EXHAUSTED|Ran out of memory)[^\n]*", str(e))
+    return m.group(0).strip() if m else ""
 
 
 def _compile(what: str, lower, options: dict | None = None) -> tuple:

@@ -67,7 +67,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
-    attention: str = "auto"  # auto: cudnn on GPU, splash on TPU, xla elsewhere
+    attention: str = "auto"  # auto: splash on TPU, cudnn on GPU (dot_product for float32), xla elsewhere
     scan_layers: bool = True
     remat: str = "none"
 

@@ -103,6 +103,11 @@ def test_fits_follows_the_total():
     (["compile-check", "--devices", "16", "model.preset=llama3-8b", "mesh.fsdp=4", "mesh.tensor=4",
       "data.global_batch=2"], "global_batch"),
     (["compile-check"], "--devices"),
+    (["compile-check", "--target", "v5p-63"], "--target"),
+    (["compile-check", "--target", "tpu9-8"], "--target"),
+    (["compile-check", "--devices", "8", "--slices", "2"], "--slices"),
+    (["compile-check", "--devices", "8", "--target", "v5e-8"], "--target"),
+    (["compile-check", "--target", "v5e-8", "--generate", "--prompt-len", "0"], "--prompt-len"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, word):
     p = cli(*args)

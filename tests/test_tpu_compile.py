@@ -132,3 +132,12 @@ def test_multi_slice_compiles_over_dcn():
     assert slices == [{0}, {1}], slices
     report = compile_steps(cfg, devices, target, slices=2, cost=False)
     assert report.devices == 8 and report.train.collectives.get("all-reduce", 0) > 0
+
+
+def test_missing_tpu_compiler_names_the_install_command(monkeypatch):
+    from jaxllama.parallel.chips import check_libtpu
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tpu\]'"):
+        check_libtpu()

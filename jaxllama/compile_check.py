@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import jax
@@ -151,8 +152,6 @@ def _compile(what: str, lower, options: dict | None = None) -> tuple:
 
 
 def _timed(what: str, fn) -> tuple:
-    import time
-
     start = time.perf_counter()
     try:
         result = fn()

@@ -221,7 +221,7 @@ def generate_steps(cfg: Config, devices: list, arch: Arch, shape: GenerateShape)
     rows = shape.batch or probe.layout.shards("activation_batch")
     c.data.global_batch, c.data.seq_len = rows, shape.prompt_len
     program = build_program(c, devices, a)
-    params = program.abstract_inputs()[0].params
+    params = program.model_params(program.abstract_inputs()[0].params)
     (prefill, decode), seconds = _timed("the generate steps", lambda: lower_generate(
         params, a, program.layout, rows, shape.prompt_len, shape.max_new))
     n = len(devices)

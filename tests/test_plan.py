@@ -121,3 +121,12 @@ def test_count_collectives_reads_hlo():
            "%ar-start = f32[] all-reduce-start(f32[] %x), to_apply=%add\n"
            "%rs = f32[4]{0} reduce-scatter(f32[32]{0} %y), dimensions={0}\n")
     assert count_collectives(hlo) == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}
+
+
+def test_unrolled_layers_plan_like_scanned():
+    """model.scan_layers=false: the same parameter count, memory and FLOPs (it once raised KeyError 'layers')."""
+    scanned = plan(load_config(None, LLAMA3_8B_16), 16)
+    unrolled = plan(load_config(None, [*LLAMA3_8B_16, "model.scan_layers=false"]), 16)
+    assert unrolled["params"] == scanned["params"] == 8_030_261_248
+    same = ("flops_per_token", "param_bytes", "opt_bytes", "grad_bytes", "gathered_bytes", "total_bytes")
+    assert {k: unrolled[k] for k in same} == {k: scanned[k] for k in same}

@@ -262,3 +262,11 @@ def test_every_verb_takes_the_replicated_kv_rules(kv_model, capsys):
     assert "tensor=8" in info and "FITS" in info
     report = run("compile-check", "--devices", "8", "--config", ok, *model)
     assert "train step: compiled" in report and "tensor=8" in report
+
+
+def test_cudnn_attention_off_a_gpu_is_refused_before_compiling(make_cfg):
+    """model.attention=cudnn on CPU devices: one line naming the key, not cuDNN's runtime error."""
+    cfg = make_cfg("model.attention=cudnn", "model.dtype=bfloat16")
+    with pytest.raises(ConfigError, match=r"model.attention=cudnn needs a GPU .* runs on cpu devices"):
+        build_program(cfg)
+    build_program(cfg, 8)  # an abstract mesh (compile-check for a target): no platform to refuse

@@ -49,7 +49,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     program = inference_program(arch, parse_mesh(mesh), devices, rules)
     layout = program.layout
     params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout,  # numpy views, no copy
-                          program.state_shardings.params)
+                          program.model_params(program.state_shardings.params))
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 
 

@@ -99,11 +99,25 @@ xla_attention.defvjp(_xla_fwd, _xla_bwd)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with our causal/segment mask. On CPU, float16 runs in float32:
+    XLA's CPU backend has no float16 matmul accumulating in float32 (``F16_F16_F32``), which the
+    gradient of the XLA implementation asks for (CPU computes float16 matmuls in float32 anyway)."""
+    dtype = q.dtype
+    if dtype == jnp.float16 and implementation is None and _platform(mesh) == "cpu":
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    mask = causal_mask(segment_ids, q.shape[1], k.shape[1])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    else:
+        mask = causal_mask(segment_ids, q.shape[1], k.shape[1])[:, None]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.astype(dtype)
+
+
+def _platform(mesh: jax.sharding.Mesh | None) -> str:
+    """The platform the program is compiled for: the mesh's devices (a TPU topology's may differ from
+    this process's backend), else JAX's default backend."""
+    return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
 
 
 SPLASH_BLOCK = 128  # splash works in blocks of 128 positions (its minimum block on TPU)
@@ -133,8 +147,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     b, t, h, d = q.shape
     # Interpret (plain HLO) unless compiling for TPUs: the mesh's devices say, not the default backend,
     # so compiling for a TPU topology from a CPU host (compile-check --target) builds the real kernel.
-    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
-    interpret = platform != "tpu"
+    interpret = _platform(mesh) != "tpu"
     block = next(n for n in (512, 256, SPLASH_BLOCK) if t % n == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -204,7 +217,7 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids)
     if impl == "dot_product":
-        return dot_product_attention(q, k, v, segment_ids)
+        return dot_product_attention(q, k, v, segment_ids, mesh=mesh)
     if impl == "cudnn":
         return dot_product_attention(q, k, v, segment_ids, implementation="cudnn")
     if impl == "splash" and splash_supports(q.shape[1]):

@@ -20,12 +20,14 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
 from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout, boxed_shapes
@@ -372,11 +374,25 @@ def head_kernel(params: dict, a: Arch) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
+def _layer_of(x: Any, i: int) -> Any:
+    """Layer ``i`` of a stacked leaf: an array's slice, or a sharding / ShapeDtypeStruct without the
+    leading ``layers`` axis (so one function maps params, their shardings and abstract params)."""
+    if isinstance(x, NamedSharding):
+        return NamedSharding(x.mesh, PartitionSpec(*x.spec[1:]))
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sharding = _layer_of(x.sharding, i) if isinstance(x.sharding, NamedSharding) else None
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+    return x[i]
+
+
 def unstack_layers(params: dict, n_layers: int) -> dict:
-    """Scanned tree (``layers`` stacked) -> unrolled tree (``layers_0`` ... ``layers_{n-1}``)."""
+    """Scanned tree (``layers`` stacked) -> unrolled tree (``layers_0`` ... ``layers_{n-1}``). Works on
+    arrays, shardings and abstract params alike; a tree already unrolled is returned as it is."""
+    if "layers" not in params:
+        return params
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(n_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: _layer_of(x, i), params["layers"])
     return out
 
 

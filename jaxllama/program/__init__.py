@@ -11,6 +11,7 @@ that does not divide). The pieces: :mod:`.step` (loss, state, train step), :mod:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from jaxllama.config import Config
 from jaxllama.data.batch import BATCH_DTYPES
-from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params
+from jaxllama.errors import ConfigError
+from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params, unstack_layers
 from jaxllama.parallel.mesh import MeshPlan
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
@@ -83,6 +85,11 @@ class Program:
                              self.abstract_state, self.state_shardings)
         return state, self.batch.abstract()
 
+    def model_params(self, params: Any) -> Any:
+        """The state's canonical tree (layers stacked) -> the tree the model takes: unrolled
+        (``layers_0`` ...) when ``arch.scan_layers`` is off. Params, their shardings or abstract ones."""
+        return params if self.arch.scan_layers else unstack_layers(params, self.arch.n_layers)
+
     def init_state(self, seed: int | None = None) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shards."""
         return init_state(self.model, self.tx, self.state_shardings, self.cfg.train.seed if seed is None else seed)
@@ -98,6 +105,10 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     mesh = plan.abstract() if isinstance(devices, int) else plan.build(jax.devices() if devices is None else devices)
     layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
     arch = arch or Arch.from_config(cfg.model)
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
+    if arch.attention == "cudnn" and platform not in (None, "gpu"):
+        raise ConfigError(f"model.attention=cudnn needs a GPU (cuDNN flash attention), but this program runs on "
+                          f"{platform} devices; use auto, xla or dot_product")
     model = Llama(arch, layout)
     d, t = cfg.data, cfg.train
     rows = layout.shards("activation_batch")
@@ -106,7 +117,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
         raise ShardError(f"data.global_batch={d.global_batch} must be divisible by mesh {' x '.join(axes)} = {rows}"
                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""),
                          "data.global_batch", d.global_batch, axes, rows)
-    boxed = abstract_params(arch)
+    boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
     abstract, shardings = state_shardings(boxed, tx, layout)

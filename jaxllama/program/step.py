@@ -8,6 +8,7 @@ exist at a time, forward and backward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxllama.model.llama import Arch, Llama, head_kernel
+from jaxllama.model.llama import Arch, Llama, head_kernel, unstack_layers
 from jaxllama.parallel.sharding import Layout, opt_state_shardings
 
 F32 = jnp.float32
@@ -66,11 +67,14 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
 
 def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_chunk: int = 0,
                  unroll: bool = False) -> Callable:
-    """``loss_fn(params, batch) -> (objective_sum, (nll_sum, n_tokens))``: sums, so micro-batches add up."""
+    """``loss_fn(params, batch) -> (objective_sum, (nll_sum, n_tokens))``: sums, so micro-batches add up.
+    ``params`` is the canonical tree (layers stacked) whether or not ``a.scan_layers``."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
 
     def loss_fn(params, batch):
-        hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+        # the state holds the canonical (stacked) tree; an unrolled model takes its layers one by one
+        hidden = model.apply({"params": unstack_layers(params, a.n_layers) if not a.scan_layers else params},
+                             batch["tokens"], batch["positions"], batch["segment_ids"],
                              method=Llama.hidden)
         nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
                                        chunk, a.dtype, unroll)
@@ -137,8 +141,14 @@ def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
 
 def _init_model(model: Llama) -> Llama:
     """The model that creates parameters: unsharded, with the reference attention (parameters do not
-    depend on the kernel, and a length-1 trace is below what the TPU splash kernel accepts)."""
-    return model.clone(layout=Layout(None), a=dataclasses.replace(model.a, attention="xla"))
+    depend on the kernel, and a length-1 trace is below what the TPU splash kernel accepts) and
+    scanned layers: the state is the canonical stacked tree, so a seed gives the same weights whether
+    or not the run unrolls its layers, and a checkpoint resumes under either setting. The compute
+    dtype is set to the parameter dtype: it does not change the parameters, and programs that differ
+    only in it then share one initializer (:func:`_params_init`)."""
+    a = model.a
+    return model.clone(layout=Layout(None), a=dataclasses.replace(a, attention="xla", scan_layers=True, remat="none",
+                                                                   dtype=a.param_dtype))
 
 
 def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
@@ -154,10 +164,22 @@ def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout
 
 def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
     """Parameters and optimizer state created directly in their shards (jit with out_shardings)."""
-    unsharded = _init_model(model)
+    leaves, tree = jax.tree.flatten(shardings.params)
+    params = _params_init(_init_model(model).a, tree, tuple(leaves))(jax.random.key(seed))
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      opt_state=opt_state)
+
+
+@functools.lru_cache(maxsize=16)
+def _params_init(a: Arch, tree: Any, leaves: tuple) -> Callable:
+    """The jitted parameter initializer for ``a`` placed per the shardings ``tree``/``leaves``, kept:
+    its random draws (one threefry per parameter) take seconds to compile on CPU, and every program
+    of the same shapes, dtype and shardings (another optimizer, schedule, remat, kernel, scan or
+    unrolled layers) creates its parameters with the same one."""
+    model = Llama(a)
 
     def init(key):
-        params = nn.unbox(unsharded.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return jax.jit(init, out_shardings=jax.tree.unflatten(tree, leaves))

@@ -164,8 +164,8 @@ EXTRAS: list[tuple[list[str], object]] = [
     (["model.n_layers=3", "model.dim=64", "model.n_heads=8", "model.n_kv_heads=4", "model.head_dim=16",
       "model.ffn_dim=128", "model.vocab_size=640"], _check_shape),
     ([_init_from], _check_init_from),
-    (["mesh.rules=[[batch, [data, fsdp]], [embed, fsdp], [heads, tensor], [kv_heads, null], [mlp, tensor], "
-      "[vocab, tensor]]"], None),
+    ([("mesh.rules=[[batch, [data, fsdp]], [embed, fsdp], [heads, tensor], [kv_heads, null], [mlp, tensor], "
+       "[vocab, tensor]]")], None),
 ]
 
 

@@ -17,7 +17,8 @@ EPILOG = "overrides: dotted key=value pairs, e.g. model.preset=llama3-8b mesh.fs
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's own convention for usage errors)
-        raise ConfigError(f"{self.prog}: {message}")
+        # the top-level parser's prog is "jaxllama", which the error line already starts with
+        raise ConfigError(message if self.prog == "jaxllama" else f"{self.prog}: {message}")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -322,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _skip_absent_tpu()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not [a for a in argv if a != "--debug"]:  # bare `jaxllama`: what it can do, not an error line
+            parser.print_help(sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
         return args.func(args)
     except JaxllamaError as e:
         if debug:
@@ -331,8 +336,24 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("jaxllama: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def entry() -> None:
+    """The console script: :func:`main`, then exit. After Ctrl-C the process ends at once (stdio
+    flushed) instead of running the interpreter's shutdown, which could crash (SIGSEGV) finalizing
+    JAX's and the input pipeline's native threads mid-work. Checkpoints are unaffected: a save cut
+    short stays a temporary folder that resume skips."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

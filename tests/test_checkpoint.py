@@ -197,3 +197,20 @@ def test_unrolled_layers_save_the_canonical_tree_and_resume_either_way(tmp_path,
     train(cfg_for(tmp_path / "other", "train.steps=4", "checkpoint.every=2"), out=lines.append)
     assert any("resumed from the checkpoint at step 2" in x for x in lines)
     np.testing.assert_allclose(losses(tmp_path / "other")[4], losses(run)[4], rtol=1e-5)
+
+
+def test_reading_a_params_dir_with_its_tokenizer_warns_nothing(tmp_path, make_cfg, caplog):
+    """A converted params dir keeps its tokenizer beside the Orbax items: reading it is silent (Orbax
+    once warned twice per conversion that it could not restore the item "tokenizer")."""
+    import logging
+
+    from helpers import random_params
+    from jaxllama.model.llama import Arch
+
+    m = make_cfg().model
+    save_params(str(tmp_path / "p"), random_params(Arch.from_config(m)), m)
+    (tmp_path / "p" / "tokenizer").mkdir()
+    (tmp_path / "p" / "tokenizer" / "tokenizer.model").write_bytes(b"pieces")
+    with caplog.at_level(logging.WARNING):
+        load_params(str(tmp_path / "p"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]

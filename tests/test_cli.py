@@ -64,3 +64,11 @@ def test_info_reports_count_memory_and_flops():
 def test_help(args):
     p = run(*args)
     assert p.returncode == 0 and "usage" in p.stdout
+
+
+def test_bare_jaxllama_prints_the_verbs(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jaxllama") and "generate" in err and "compile-check" in err
+    assert cli.main(["fly"]) == 2  # an error line names the program once
+    assert capsys.readouterr().err.startswith("jaxllama: error: argument verb: invalid choice")

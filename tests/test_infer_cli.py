@@ -4,6 +4,7 @@ real SentencePiece tokenizer, run through the CLI, checked against transformers 
 import io
 import json
 import math
+import os
 import random
 
 import jax
@@ -298,3 +299,26 @@ def test_two_processes_generate_and_eval_like_one(hf_dir, tmp_path, capsys):
         else:
             assert len(two) == 6 and [t["tokens"] for t in two] == [o["tokens"] for o in one]
             assert [t["text"] for t in two] == [o["text"] for o in one]
+
+
+def test_ctrl_c_during_generate_exits_130_in_one_line(hf_dir):
+    """SIGINT while tokens stream: 'jaxllama: interrupted', exit 130 -- never a segfault at teardown
+    (the process ends without running the interpreter's shutdown under JAX's threads)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "jaxllama.cli", "generate", str(hf_dir), "--prompt", "the quick",
+                              "--max-new-tokens", "100000", "--n", "4", "--chunk", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        os.set_blocking(p.stdout.fileno(), False)
+        deadline = time.time() + 120
+        while time.time() < deadline and not p.stdout.read(1):  # wait for the first streamed token
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (p.returncode, err[-2000:])
+        assert err.strip().splitlines()[-1] == "jaxllama: interrupted", err[-2000:]

@@ -65,3 +65,21 @@ def test_same_seed_same_losses(tmp_path):
     first = losses("a", 1)
     assert losses("b", 1) == first
     assert losses("c", 2) != first
+
+
+def test_cpu_peak_is_measured_once_and_kept(tmp_path, monkeypatch):
+    """MFU on CPU compares between runs: the host's peak is measured once (best of five) and cached."""
+    from jaxllama.train import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "measure_cpu_flops", lambda seconds: calls.append(seconds) or 1e10 * len(calls))
+    first, source = metrics.cpu_peak_flops(tmp_path)
+    assert first == 5e10 and len(calls) == 5 and "cached in" in source and metrics.cpu_name() in source
+    again, _ = metrics.cpu_peak_flops(tmp_path)
+    assert again == first and len(calls) == 5  # read back, not re-measured
+    (tmp_path / "cpu-peak.json").write_text("{not json")  # a damaged cache is measured again, then rewritten
+    assert metrics.cpu_peak_flops(tmp_path)[0] == 1e11 and len(calls) == 10
+    assert json.loads((tmp_path / "cpu-peak.json").read_text())[metrics.cpu_name()]["flops"] == 1e11
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert metrics.cpu_peak_flops(blocked)[0] > 0  # an unwritable cache only costs a measurement

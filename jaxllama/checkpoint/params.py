@@ -9,10 +9,11 @@ Paths go through Orbax/TensorStore unchanged, so ``gs://...`` works like a local
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -71,12 +72,20 @@ def complete_steps(checkpoints_dir: epath.Path) -> list[int]:
     if not checkpoints_dir.is_dir():
         return []
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
-    try:
+    with _quiet_orbax():  # Orbax warns that a read-only manager is read-only
         with ocp.CheckpointManager(checkpoints_dir, options=options) as mngr:
             return sorted(mngr.all_steps())
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's warnings about what we do on purpose (read-only managers; a params dir's ``tokenizer/``
+    folder, which is plain files, not an Orbax item) would print on every read; errors still do."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
         absl_log.setLevel(level)
 
@@ -96,14 +105,16 @@ def resolve_params_dirs(path: str) -> list[epath.Path]:
                       f"a training checkpoint step, or a run dir with complete checkpoints under '{CHECKPOINTS}/')")
 
 
-def _reader() -> ocp.Checkpointer:
+@contextlib.contextmanager
+def _reader() -> Iterator[ocp.Checkpointer]:
     """A checkpointer that knows every item we write, so reading some of them raises no Orbax warnings."""
     from jaxllama.checkpoint.handlers import PerProcessJsonHandler
 
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-        PARAMS: ocp.StandardCheckpointHandler(), MODEL: ocp.JsonCheckpointHandler(),
-        "opt_state": ocp.StandardCheckpointHandler(), "train": ocp.JsonCheckpointHandler(),
-        "data": PerProcessJsonHandler()}))
+    with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+            PARAMS: ocp.StandardCheckpointHandler(), MODEL: ocp.JsonCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(), "train": ocp.JsonCheckpointHandler(),
+            "data": PerProcessJsonHandler()})) as ckptr:
+        yield ckptr
 
 
 def params_target(meta: Any, where: str, shardings: Any = None, dtype: Any = None) -> Any:

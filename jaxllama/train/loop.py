@@ -191,6 +191,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     say(f"peak FLOP/s per device: {log.peak:.3g}, {log.peak_source}")
 
     batch = trainer.global_batch(next(source))
+    say("compiling the train step...")
     say(f"compiled the train step in {trainer.compile(batch):.1f}s")
     preempted = False
     try:

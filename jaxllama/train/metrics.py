@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,46 @@ def measure_cpu_flops(seconds: float = 0.5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def cpu_name() -> str:
+    """This host's CPU model and the cores this process may use, e.g. ``Intel(R) Xeon(R) Processor x 2``."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} x {cores}"
+
+
+def cpu_peak_flops(cache: Path | None = None) -> tuple[float, str]:
+    """The host's float32 matmul FLOP/s, measured once per CPU model and core count and kept in
+    ``cache`` (default ``$JAXLLAMA_CACHE/cpu-peak.json``), so MFU on CPU compares between runs and
+    across a resume. The best of five short measurements: the others are the noise of a shared host."""
+    from jaxllama.data.tokenizer_train import default_cache_dir
+
+    path = (cache or default_cache_dir()) / "cpu-peak.json"
+    name = cpu_name()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(name) if isinstance(known, dict) else None
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0):
+        entry = {"flops": max(measure_cpu_flops(0.2) for _ in range(5)), "date": time.strftime("%Y-%m-%d")}
+        known = {**(known if isinstance(known, dict) else {}), name: entry}
+        try:  # a cache that cannot be written only costs a measurement next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return float(entry["flops"]), f"measured on {entry['date']} (float32 matmul, {name}; cached in {path})"
+
+
 def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure came from)."""
     if configured:
@@ -46,7 +88,8 @@ def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
         return chip.peak_flops, f"table ({kind} bf16 dense)"
     if jax.default_backend() == "cpu":
         # Simulated CPU devices share the host's cores, so each gets an equal part of the host.
-        return measure_cpu_flops() / jax.local_device_count(), "measured (float32 matmul on this CPU)"
+        flops, source = cpu_peak_flops()
+        return flops / jax.local_device_count(), source
     return 0.0, f"unknown for {kind}: set train.peak_flops"
 
 

@@ -263,8 +263,10 @@ def cmd_generate(args) -> int:
     initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
     loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args))
     quiet = (lambda _: None) if jax.process_index() else None
+    say = None if jax.process_index() else (lambda line: print(line, file=sys.stderr, flush=True))
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
-             system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk, out=quiet)
+             system=args.system, template=args.chat_template, json_lines=args.json, chunk=args.chunk, out=quiet,
+             say=say)
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 
 import jax
 import numpy as np
@@ -322,3 +323,13 @@ def test_ctrl_c_during_generate_exits_130_in_one_line(hf_dir):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 130, (p.returncode, err[-2000:])
         assert err.strip().splitlines()[-1] == "jaxllama: interrupted", err[-2000:]
+
+
+def test_generate_says_its_chat_fallback_and_throughput_on_stderr(hf_dir, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(hf_dir), "--prompt", "the quick", "--chat", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "--chat uses the Llama 2 [INST] format" in err
+    assert re.search(r"generated 5 tokens in 1 row\(s\) in [0-9.]+s: [0-9,.]+ tokens/s", err), err
+    assert out.endswith("\n") and "tokens/s" not in out  # stdout holds the completion only

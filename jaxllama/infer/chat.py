@@ -73,17 +73,26 @@ def render_jinja(template: str, messages: Messages, tokenizer: Any) -> str:
         raise ConfigError(f"chat template: cannot render it ({e})") from None
 
 
+def auto_format(tokenizer: Any, jinja: str | None = None) -> str:
+    """What ``--chat-template auto`` uses: the model's Jinja template when it has one, else the
+    Llama 3 header format when the tokenizer has its tokens, else Llama 2's ``[INST]``."""
+    if jinja or getattr(tokenizer, "chat_template", None):
+        return "jinja"
+    return "llama3" if "<|start_header_id|>" in tokenizer.special_ids() else "llama2"
+
+
 def chat_prompt(messages: Messages, tokenizer: Any, template: str = "auto", jinja: str | None = None) -> str:
     """The prompt text for ``messages`` in the chosen format (see the module docstring for ``auto``)."""
     if template not in TEMPLATES:
         raise ConfigError(f"--chat-template: {template!r} is not one of {', '.join(TEMPLATES)}")
     jinja = jinja or getattr(tokenizer, "chat_template", None)
     specials = tokenizer.special_ids()
-    if template == "jinja" or (template == "auto" and jinja):
+    template = auto_format(tokenizer, jinja) if template == "auto" else template
+    if template == "jinja":
         if not jinja:
             raise ConfigError("--chat-template jinja: the model and tokenizer carry no chat template")
         return render_jinja(jinja, messages, tokenizer)
-    if template == "llama3" or (template == "auto" and "<|start_header_id|>" in specials):
+    if template == "llama3":
         for name in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
             if name not in specials:
                 raise ConfigError(f"--chat-template llama3: the tokenizer has no {name} token")

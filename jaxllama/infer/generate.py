@@ -9,12 +9,13 @@ their first occurrence; the text (and token ids) are cut before them.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxllama.errors import ConfigError
-from jaxllama.infer.chat import chat_prompt, messages_for
+from jaxllama.infer.chat import auto_format, chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
 from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling
@@ -112,12 +113,18 @@ class TextStops:
 def generate(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
              n: int = 1, stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
              template: str = "auto", json_lines: bool = False, chunk: int = 16,
-             out: Callable[[str], None] | None = None) -> list[dict]:
-    """Generate for every prompt ``n`` times; stream to ``out`` (default stdout); return one dict per row."""
+             out: Callable[[str], None] | None = None, say: Callable[[str], None] | None = None) -> list[dict]:
+    """Generate for every prompt ``n`` times; stream to ``out`` (default stdout); return one dict per row.
+    ``say`` (the CLI: stderr) hears what is not the output: the chat format ``auto`` fell back to, and
+    the throughput at the end."""
     if n < 1:
         raise ConfigError(f"--n: must be >= 1, got {n}")
     out = out or _stdout
+    say = say or (lambda _: None)
     tok = loaded.tokenizer
+    if chat and template == "auto" and auto_format(tok, loaded.chat_template) == "llama2":
+        say("note: the model has no chat template and its tokenizer no Llama 3 header tokens: --chat uses the "
+            "Llama 2 [INST] format (--chat-template chooses)")
     ids = encode_prompts(prompts, tok, chat, system, template, loaded.chat_template)
     rows = [p for p in ids for _ in range(n)]
     row_ids = list(range(len(rows)))  # prompt i, sample j -> row i*n + j: its draws are its own
@@ -125,10 +132,15 @@ def generate(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int = 256, 
     stop_ids = set(tok.stop_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
     printer = _Printer(out, stops, len(rows) > 1, n) if not json_lines else None
     final: list[Completion] = []
+    start = time.perf_counter()
     for final in loaded.engine.stream(rows, max_new_tokens, sampling, sorted(stop_ids), row_ids, chunk,
                                       stops.hit if stops.stops else None):
         if printer is not None:
             printer.update(final)
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(c.tokens) for c in final)
+    say(f"generated {new_tokens} tokens in {len(final)} row(s) in {seconds:.2f}s: {new_tokens / max(seconds, 1e-9):,.1f} "
+        "tokens/s (prefill and compile included)")
     records = []
     for i, c in enumerate(final):
         text, keep = stops.cut(c.tokens)

@@ -199,8 +199,30 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: str | Path) -> list[str]:
+    """Write ``cfg`` as YAML; returns what differs from the file it replaces (``optim.lr: 0.003 -> 0.001``),
+    so a resumed run can say which settings it changed."""
+    path = Path(path)
+    try:
+        before = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        before = None
+    now = cfg.to_dict()
+    path.write_text(yaml.safe_dump(now, sort_keys=False))
+    if not isinstance(before, dict):
+        return []
+    old, new = _flat(before), _flat(now)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _read_yaml(path: Path) -> dict:

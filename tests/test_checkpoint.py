@@ -214,3 +214,13 @@ def test_reading_a_params_dir_with_its_tokenizer_warns_nothing(tmp_path, make_cf
     with caplog.at_level(logging.WARNING):
         load_params(str(tmp_path / "p"))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+
+
+def test_resume_says_which_settings_changed(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(run, "train.steps=2"), out=lambda _: None)
+    lines = []
+    train(cfg_for(run, "train.steps=3", "optim.lr=1e-3"), out=lines.append)
+    [said] = [x for x in lines if x.startswith("resumed with settings changed")]
+    assert "train.steps: 2 -> 3" in said and "optim.lr: 0.003 -> 0.001" in said
+    assert "steps: 3" in (run / "config.yaml").read_text()

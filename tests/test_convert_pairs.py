@@ -48,3 +48,19 @@ def test_round_trip_through_another_format_is_lossless(origin, x, y):
     for k in a:
         assert b[k].dtype == np.float32, k
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_output_folders_get_the_usual_mode(tmp_path):
+    """DST appears by renaming a temporary folder (mkdtemp: 0700); it must end with the umask's mode."""
+    import os
+    import stat
+
+    from jaxllama.convert.common import atomic_output
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out") as d:
+            (d / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

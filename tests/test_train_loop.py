@@ -83,3 +83,25 @@ def test_cpu_peak_is_measured_once_and_kept(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert metrics.cpu_peak_flops(blocked)[0] > 0  # an unwritable cache only costs a measurement
+
+
+def test_a_run_whose_data_fails_leaves_no_run_dir(tmp_path):
+    """No documents in data.source: one error, and no runs/<ts>/ holding only config.yaml."""
+    from jaxllama.errors import JaxllamaError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.preset=debug", "model.vocab_size=512", f"data.source={tmp_path / 'empty'}/*.txt",
+                             "data.seq_len=32",
+                             "data.global_batch=8", "train.steps=2", "data.skip_bad_records=true",
+                             f"data.tokenizer={tmp_path / 'tok.model'}", f"run_dir={run}"])
+    from jaxllama.data.tokenizers import train_sentencepiece
+
+    rng = np.random.default_rng(0)
+    words = "a tokenizer needs some varied text to learn its pieces from every line".split()
+    train_sentencepiece([" ".join(rng.choice(words, 12)) for _ in range(300)], vocab_size=320,
+                        output=str(tmp_path / "tok.model"))
+    with pytest.raises(JaxllamaError, match="got no documents"):
+        train(cfg, out=lambda _: None)
+    assert not run.exists()

@@ -211,6 +211,10 @@ def atomic_output(dst: str | Path, is_file: bool = False) -> Iterator[Path]:
     target = tmp / dst.name if is_file else tmp
     try:
         yield target
+        if not is_file:  # mkdtemp makes the folder 0700; DST gets the mode any new folder gets (umask)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(target, 0o777 & ~umask)
         os.replace(target, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,17 +89,21 @@ def new_run_dir(root: str = "runs") -> str:
     return str(path)
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config) -> tuple[Path, bool, list[str]]:
+    """(the run dir, whether this call created it, the settings that differ from its earlier
+    config.yaml), with the resolved config written into it."""
     if cfg.run_dir is None:
         cfg.run_dir = new_run_dir()
     run_dir = Path(cfg.run_dir)
+    fresh = not run_dir.exists()
+    changed: list[str] = []
     if jax.process_index() == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"run_dir {run_dir}: cannot create it ({e.strerror})") from None
-        save_config(cfg, run_dir / "config.yaml")
-    return run_dir
+        changed = save_config(cfg, run_dir / "config.yaml")
+    return run_dir, fresh, changed
 
 
 def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
@@ -151,11 +156,11 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         refuse_existing(cfg)
     trainer = Trainer.build(cfg, devices, init=False)  # state filled below: restored, or initialized
     check_host_memory(trainer.program)  # before anything is allocated
-    run_dir = prepare_run_dir(cfg)
-    if source is None:
+    if source is None:  # before the run dir exists: bad data leaves no folder behind
         from jaxllama.data.sources import make_source
 
         source = make_source(cfg)
+    run_dir, fresh, changed = prepare_run_dir(cfg)
     if source.tok is not None and is_main and not (run_dir / "tokenizer").exists():
         from jaxllama.data.tokenizers import copy_tokenizer
 
@@ -171,6 +176,8 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         start, trainer.state, data_state = restored
         source.restore(data_state)
         say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
+        if changed:
+            say(f"resumed with settings changed since the run's config.yaml (now rewritten): {'; '.join(changed)}")
     else:
         trainer.initialize(say)
         if t.init_from:
@@ -190,7 +197,15 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     say(source.describe())
     say(f"peak FLOP/s per device: {log.peak:.3g}, {log.peak_source}")
 
-    batch = trainer.global_batch(next(source))
+    try:
+        batch = trainer.global_batch(next(source))
+    except BaseException:  # the data failed before any step (no documents, a bad record): leave no empty run
+        if fresh and is_main:
+            log.close()
+            if ckpts:
+                ckpts.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     say("compiling the train step...")
     say(f"compiled the train step in {trainer.compile(batch):.1f}s")
     preempted = False

@@ -72,3 +72,42 @@ def test_bare_jaxllama_prints_the_verbs(capsys):
     assert err.startswith("usage: jaxllama") and "generate" in err and "compile-check" in err
     assert cli.main(["fly"]) == 2  # an error line names the program once
     assert capsys.readouterr().err.startswith("jaxllama: error: argument verb: invalid choice")
+
+
+def _train_on_a_terminal(tmp_path, columns: int) -> str:
+    """`jaxllama train` with a pseudo-terminal of ``columns`` as stdout and stderr; everything it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    p = subprocess.Popen([sys.executable, "-m", "jaxllama.cli", "train", "model.preset=debug", "data.source=synthetic",
+                          "data.seq_len=32", "data.global_batch=8", "train.steps=4", "train.log_every=1",
+                          "checkpoint.every=2", "train.tensorboard=false", f"run_dir={tmp_path / str(columns)}"],
+                         stdin=slave, stdout=slave, stderr=slave, env={**ENV, "COLUMNS": "", "LINES": ""})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=120) == 0
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_and_messages_on_a_terminal(tmp_path):
+    """On a terminal the bar is cleared before a checkpoint message (which once landed inside the
+    bar's line: `MFU 36.7%]checkpoint at step 2`); a terminal of width 0 gets plain lines, not nothing."""
+    text = _train_on_a_terminal(tmp_path, 100)
+    at = text.index("checkpoint at step 2")
+    assert text[at - 1] in "\r\n", repr(text[max(0, at - 80):at + 20])
+    assert "done: 4 steps" in text
+    narrow = _train_on_a_terminal(tmp_path, 0)
+    assert "step      4 | loss" in narrow and "done: 4 steps" in narrow

@@ -300,6 +300,8 @@ def test_a_run_keeps_its_tokenizer_so_generate_and_convert_find_it(tmp_path, cfg
     kept = tmp_path / "run" / "tokenizer" / "tokenizer.model"
     assert kept.read_bytes() == open(sp_model, "rb").read()
     assert load_model(str(tmp_path / "run")).tokenizer_path == str(kept.parent)
+    # a step of the run (generate RUN_DIR/checkpoints/2) finds the run's tokenizer too
+    assert load_model(str(tmp_path / "run" / "checkpoints" / "2")).tokenizer_path == str(kept.parent)
 
 
 def test_training_logs_how_many_bad_records_it_skipped(tmp_path, cfg):

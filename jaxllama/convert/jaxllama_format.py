@@ -25,7 +25,7 @@ class JaxllamaSource(Source):
 
         self.path, self.dtype = Path(path), dtype
         self.params, self.model_cfg = open_params(str(path))  # lazy: nothing is read until _read
-        tok = self.path / TOKENIZER_DIR
+        tok = _tokenizer_dir(self.path)
         ex = Extras(tokenizer_dir=tok if tok.is_dir() and any(tok.iterdir()) else None)
         if (tok / "tokenizer_config.json").is_file():
             ex.chat_template = _read_json(tok / "tokenizer_config.json").get("chat_template")
@@ -41,6 +41,15 @@ class JaxllamaSource(Source):
             raise ConfigError(f"{self.path}: parameter {key} not found")
         arr = self.params[key]
         return np.asarray(arr if layer is None else arr[layer])
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """``PATH/tokenizer``; for a training step (``RUN_DIR/checkpoints/50``) the run's ``RUN_DIR/tokenizer``."""
+    own = path / TOKENIZER_DIR
+    run = path.parent.parent / TOKENIZER_DIR
+    if not own.is_dir() and path.parent.name == "checkpoints" and run.is_dir():
+        return run
+    return own
 
 
 def _to_device(tree: dict) -> dict:

@@ -29,7 +29,7 @@ from jaxllama.errors import ConfigError
 from jaxllama.plan import check_host_memory
 from jaxllama.program import Program, build_program
 from jaxllama.program.step import TrainState
-from jaxllama.train.metrics import MetricsLog
+from jaxllama.train.metrics import MetricsLog, beside_bars
 
 
 @dataclass
@@ -151,7 +151,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     after a final checkpoint.
     """
     is_main = jax.process_index() == 0
-    say = out if is_main else (lambda _: None)
+    say = beside_bars(out) if is_main else (lambda _: None)
     if not resume:
         refuse_existing(cfg)
     trainer = Trainer.build(cfg, devices, init=False)  # state filled below: restored, or initialized

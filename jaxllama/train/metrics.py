@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,13 +122,26 @@ class MetricsWriter:
             self.tb.close()
 
 
+def beside_bars(out: Callable[[str], None]) -> Callable[[str], None]:
+    """``out`` that clears a live progress bar first and redraws it after, so messages printed during
+    training (checkpoints, evals) get lines of their own instead of landing inside the bar's line."""
+    def say(line: str) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            out(line)
+
+    return say
+
+
 class Progress:
     """A tqdm bar on a terminal; otherwise one plain line per log step."""
 
     def __init__(self, total: int, enabled: bool, out: Callable[[str], None]):
         self.out = out
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        # a terminal too narrow for a bar (or reporting width 0) gets plain lines: tqdm would show nothing
+        if enabled and sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns >= 40:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)

@@ -203,6 +203,6 @@ def format_info(info: dict) -> str:
         f"mesh:             {mesh} ({info['devices']} devices)",
         f"per device:       params {info['param_bytes'] / gib:.3f} GiB + optimizer "
         f"{info['opt_bytes'] / gib:.3f} GiB = {state / gib:.3f} GiB",
-        f"train FLOPs/token: {info['flops_per_token']:.4g} at seq_len {info['seq_len']} "
-        f"(non-causal {info['flops_per_token_noncausal']:.4g})",
+        f"train FLOPs/token: {info['flops_per_token']:.4g} at data.seq_len={info['seq_len']} "
+        f"(non-causal {info['flops_per_token_noncausal']:.4g}; set data.seq_len and data.global_batch to plan your run)",
     ])

@@ -481,3 +481,30 @@ def test_llama2_style_hf_folder_agrees_with_sentencepiece(sp_path, tmp_path):
             continue              # does not round-trip such text itself); ours follows transformers
         assert hf.encode(text, bos=False) == sp.encode(text, bos=False), text  # "<s>" typed in text stays text
         assert hf.decode(hf.encode(text, bos=False)) == text
+
+
+def test_pieces_are_the_vocabulary_entries(sp_path, tiktoken_path, hf_dir):
+    """tokenizer info shows each id's own entry (BOS as <s>, byte pieces as <0x..>), checked against the
+    libraries' own id -> piece maps; decoding one id alone gives '' or a replacement character."""
+    from tokenizers import Tokenizer as HFTok
+
+    from jaxllama.data.tokenizers import describe_tokenizer, load_tokenizer
+
+    sp = load_tokenizer(sp_path)
+    ref = spm.SentencePieceProcessor(model_file=sp_path)
+    ids = sp.encode("héllo wörld")
+    assert [sp.piece(i) for i in ids] == [ref.id_to_piece(i) for i in ids]
+    assert sp.piece(sp.bos_id) == "<s>" and "<s>" in describe_tokenizer(sp_path, "hi").splitlines()[-1]
+    hf = load_tokenizer(str(hf_dir))
+    want = HFTok.from_file(str(hf_dir / "tokenizer.json"))
+    ids = hf.encode("héllo wörld", bos=True)
+    assert [hf.piece(i) for i in ids] == [want.id_to_token(i) for i in ids] and hf.piece(ids[0]) == "<|begin_of_text|>"
+    tk = load_tokenizer(tiktoken_path)
+    ids = tk.encode("héllo wörld", bos=True)
+    assert tk.piece(ids[0]) == "<|begin_of_text|>"
+    import re
+
+    def as_bytes(piece):  # a byte piece is spelled <0xNN>; anything else is its UTF-8 text
+        return b"".join(bytes([int(h, 16)]) if h else t.encode() for h, t in re.findall(r"<0x([0-9A-F]{2})>|(.)", piece))
+    assert b"".join(as_bytes(tk.piece(i)) for i in ids[1:]) == "héllo wörld".encode()
+    assert any(tk.piece(i).startswith("<0x") for i in ids)  # this small vocabulary splits é into its bytes

@@ -88,6 +88,11 @@ class Tokenizer:
         """Text of ``ids`` (special tokens are rendered as their strings, control pieces as nothing)."""
         raise NotImplementedError
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of ``token_id`` as the tokenizer spells it (``<s>``, ``<0xC3>``,
+        ``▁wor``, ``Ġworld``): what ``tokenizer info`` shows, where decoding one id gives ``''`` or ``'�'``."""
+        raise NotImplementedError
+
     def special_ids(self) -> dict[str, int]:
         """Name -> id of every special/control token (e.g. ``<|eot_id|>``, ``<s>``, ``<pad>``)."""
         return dict(self._specials())
@@ -153,6 +158,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
     def _specials(self) -> dict[str, int]:
         return self._control
 
@@ -199,6 +207,13 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        raw = self._enc.decode_single_token_bytes(int(token_id))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:  # a piece that is part of a character: its bytes
+            return "".join(f"<0x{b:02X}>" for b in raw)
 
     def _specials(self) -> dict[str, int]:
         return self._specials_map
@@ -304,6 +319,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id)) or ""
 
     def _specials(self) -> dict[str, int]:
         return self._special_map
@@ -473,5 +491,5 @@ def describe_tokenizer(path: str, text: str | None = None) -> str:
     if text is not None:
         ids = tok.encode(text)
         lines.append(f"ids ({len(ids)}): {ids}")
-        lines.append(f"pieces: {[tok.decode([i]) for i in ids]}")
+        lines.append(f"pieces: {[tok.piece(i) for i in ids]}")
     return "\n".join(lines)

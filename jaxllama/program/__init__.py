@@ -114,8 +114,10 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     rows = layout.shards("activation_batch")
     if d.global_batch % (rows * t.grad_accum):
         axes = axis_tuple(layout.mesh_axes("activation_batch"))
+        need = rows * t.grad_accum
         raise ShardError(f"data.global_batch={d.global_batch} must be divisible by mesh {' x '.join(axes)} = {rows}"
-                         + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""),
+                         + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else "")
+                         + f"; set data.global_batch to a multiple of {need} (e.g. data.global_batch={need})",
                          "data.global_batch", d.global_batch, axes, rows)
     boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)

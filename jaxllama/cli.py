@@ -200,6 +200,18 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_tokenizer_info(args) -> int:
     from jaxllama.data.tokenizers import describe_tokenizer
 
+    if args.path.endswith(".gguf"):  # the vocabulary inside a llama.cpp model, rebuilt as generate reads it
+        from jaxllama.convert.api import open_source
+
+        src = open_source(args.path)  # metadata and vocabulary only; no tensor is read
+        try:
+            if src.extras.tokenizer_dir is None:
+                raise ConfigError(f"{args.path}: the GGUF file carries no tokenizer")
+            print(f"{args.path}: the tokenizer inside the GGUF file, rebuilt as generate reads it:")
+            print(describe_tokenizer(str(src.extras.tokenizer_dir), args.text))
+        finally:
+            src.close()
+        return 0
     print(describe_tokenizer(args.path, args.text))
     return 0
 

@@ -220,3 +220,17 @@ def test_gguf_type_needs_gguf_target(tmp_path, capsys):
     hf_with_tokenizer(tmp_path / "hf", "spm")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "o"), "--to", "hf", "--gguf-type", "q8_0"]) == 2
     assert "--gguf-type applies only to --to gguf" in capsys.readouterr().err
+
+
+def test_tokenizer_info_reads_a_gguf_and_training_says_how_to_use_one(tmp_path, capsys):
+    from jaxllama.data.tokenizers import load_tokenizer
+    from jaxllama.errors import ConfigError
+
+    hf_with_tokenizer(tmp_path / "hf", "spm")
+    convert(str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "gguf")
+    capsys.readouterr()
+    assert main(["tokenizer", "info", str(tmp_path / "m.gguf"), "--text", "hello"]) == 0
+    out = capsys.readouterr().out
+    assert "the tokenizer inside the GGUF file" in out and "sentencepiece, vocab_size" in out and "pieces:" in out
+    with pytest.raises(ConfigError, match=r"a GGUF model file.*jaxllama convert .*m.gguf DIR --to hf"):
+        load_tokenizer(str(tmp_path / "m.gguf"))  # what data.tokenizer=m.gguf reports

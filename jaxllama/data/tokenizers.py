@@ -380,6 +380,10 @@ def sniff_kind(path: str) -> str:
         raise ConfigError(f"tokenizer {path}: cannot read ({e.strerror}); expected {EXPECTED}") from None
     if not head.strip():
         raise ConfigError(f"tokenizer {path}: empty file; expected {EXPECTED}")
+    if head.startswith(b"GGUF"):  # a whole llama.cpp model: its vocabulary is rebuilt by the converter
+        raise ConfigError(f"tokenizer {path}: a GGUF model file, whose tokenizer generate, eval and convert read "
+                          f"directly; to train with it, write its tokenizer files out first "
+                          f"(jaxllama convert {path} DIR --to hf) and pass DIR")
     if head.lstrip().startswith(b"{"):
         return "hf"
     if _TIKTOKEN_LINE.match(head.lstrip().split(b"\n", 1)[0]):

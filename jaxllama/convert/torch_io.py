@@ -20,7 +20,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ConfigError("reading or writing .pth/.bin checkpoints needs PyTorch (pip install torch)") from None
+        raise ConfigError("reading or writing .pth/.bin checkpoints needs PyTorch (pip install torch, or the "
+                          "meta extra: pip install -e '.[meta]')") from None
     return torch
 
 

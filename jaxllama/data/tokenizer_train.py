@@ -183,7 +183,7 @@ def cached_stdlib_tokenizer(vocab_size: int, cache_dir: str | None = None) -> st
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _loads(path):  # another process may have finished while we waited
             print(f"training the demo tokenizer: {vocab_size} pieces on the Python standard library's sources "
-                  f"(first use only, about 30 s on 2 cores; cached as {path})", file=sys.stderr, flush=True)
+                  f"(first use only, 10-30 s on 2 cores; cached as {path})", file=sys.stderr, flush=True)
             # The pipeline sizes the demo tokenizer by the model's vocabulary; errors say so.
             train_sentencepiece(iter_documents("stdlib"), vocab_size, str(path),
                                 vocab_key="stdlib demo tokenizer: model.vocab_size")

@@ -89,16 +89,21 @@ def _train_on_a_terminal(tmp_path, columns: int) -> str:
                          stdin=slave, stdout=slave, stderr=slave, env={**ENV, "COLUMNS": "", "LINES": ""})
     os.close(slave)
     chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert p.wait(timeout=120) == 0
-    os.close(master)
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert p.wait(timeout=120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
     return b"".join(chunks).decode(errors="replace")
 
 

@@ -315,12 +315,17 @@ def test_ctrl_c_during_generate_exits_130_in_one_line(hf_dir):
                               "--max-new-tokens", "100000", "--n", "4", "--chunk", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-        os.set_blocking(p.stdout.fileno(), False)
-        deadline = time.time() + 120
-        while time.time() < deadline and not p.stdout.read(1):  # wait for the first streamed token
-            time.sleep(0.2)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        try:
+            os.set_blocking(p.stdout.fileno(), False)
+            deadline = time.time() + 120
+            while time.time() < deadline and not p.stdout.read(1):  # wait for the first streamed token
+                time.sleep(0.2)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:  # never leave a generate running behind a failed check
+                p.kill()
+                p.wait()
         assert p.returncode == 130, (p.returncode, err[-2000:])
         assert err.strip().splitlines()[-1] == "jaxllama: interrupted", err[-2000:]
 

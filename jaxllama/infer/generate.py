@@ -19,7 +19,7 @@ from jaxllama.infer.chat import auto_format, chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
 from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling
-from jaxllama.model.llama import Arch, unstack_layers
+from jaxllama.model.llama import Arch, model_params
 
 HOLD = "\ufffd"  # an incomplete UTF-8 sequence at the end of a partial decode: wait for more tokens
 
@@ -49,7 +49,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
                           f"{arch.vocab_size}")
     program = inference_program(arch, parse_mesh(mesh), devices, rules)
     layout = program.layout
-    params = place_params(unstack_layers(loaded.params, arch.n_layers), arch, layout,  # numpy views, no copy
+    params = place_params(model_params(loaded.params, arch), arch, layout,  # numpy views, no copy
                           program.model_params(program.state_shardings.params))
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 

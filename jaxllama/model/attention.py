@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllama.parallel.mesh import mesh_platform
+
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -115,9 +117,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 
 
 def _platform(mesh: jax.sharding.Mesh | None) -> str:
-    """The platform the program is compiled for: the mesh's devices (a TPU topology's may differ from
-    this process's backend), else JAX's default backend."""
-    return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
+    """The platform the program is compiled for: the mesh's devices, else JAX's default backend."""
+    return mesh_platform(mesh) or jax.default_backend()
 
 
 SPLASH_BLOCK = 128  # splash works in blocks of 128 positions (its minimum block on TPU)

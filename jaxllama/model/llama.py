@@ -396,6 +396,12 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
     return out
 
 
+def model_params(params: dict, a: Arch) -> dict:
+    """The canonical tree (what the train state and checkpoints hold) -> the tree ``Llama(a)`` takes:
+    unrolled (``layers_0`` ...) when ``a.scan_layers`` is off. Arrays, shardings or abstract params."""
+    return params if a.scan_layers else unstack_layers(params, a.n_layers)
+
+
 def stack_layers(params: dict, n_layers: int) -> dict:
     """Inverse of :func:`unstack_layers`: the canonical stacked layout."""
     if "layers" in params:

@@ -96,6 +96,12 @@ class MeshPlan:
         return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def mesh_platform(mesh: Any) -> str | None:
+    """The platform a program on ``mesh`` compiles for (``cpu``, ``gpu``, ``tpu``): its devices'
+    (a TPU topology's may differ from this process's backend); None for an abstract mesh or none."""
+    return mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else None
+
+
 def parse_mesh(text: str | None, key: str = "--mesh") -> dict[str, int]:
     """``"data=1,tensor=4"`` -> sizes for every axis (unnamed axes are 1); empty/None -> {} (choose)."""
     if not text:

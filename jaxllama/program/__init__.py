@@ -21,8 +21,8 @@ import numpy as np
 from jaxllama.config import Config
 from jaxllama.data.batch import BATCH_DTYPES
 from jaxllama.errors import ConfigError
-from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params, unstack_layers
-from jaxllama.parallel.mesh import MeshPlan
+from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params, model_params
+from jaxllama.parallel.mesh import MeshPlan, mesh_platform
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
@@ -88,7 +88,7 @@ class Program:
     def model_params(self, params: Any) -> Any:
         """The state's canonical tree (layers stacked) -> the tree the model takes: unrolled
         (``layers_0`` ...) when ``arch.scan_layers`` is off. Params, their shardings or abstract ones."""
-        return params if self.arch.scan_layers else unstack_layers(params, self.arch.n_layers)
+        return model_params(params, self.arch)
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shards."""
@@ -105,7 +105,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     mesh = plan.abstract() if isinstance(devices, int) else plan.build(jax.devices() if devices is None else devices)
     layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
     arch = arch or Arch.from_config(cfg.model)
-    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
+    platform = mesh_platform(mesh)
     if arch.attention == "cudnn" and platform not in (None, "gpu"):
         raise ConfigError(f"model.attention=cudnn needs a GPU (cuDNN flash attention), but this program runs on "
                           f"{platform} devices; use auto, xla or dot_product")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxllama.model.llama import Arch, Llama, head_kernel, unstack_layers
+from jaxllama.model.llama import Arch, Llama, head_kernel, model_params
 from jaxllama.parallel.sharding import Layout, opt_state_shardings
 
 F32 = jnp.float32
@@ -73,9 +73,8 @@ def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_
 
     def loss_fn(params, batch):
         # the state holds the canonical (stacked) tree; an unrolled model takes its layers one by one
-        hidden = model.apply({"params": unstack_layers(params, a.n_layers) if not a.scan_layers else params},
-                             batch["tokens"], batch["positions"], batch["segment_ids"],
-                             method=Llama.hidden)
+        hidden = model.apply({"params": model_params(params, a)}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"], method=Llama.hidden)
         nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
                                        chunk, a.dtype, unroll)
         return nll + z_loss * z, (nll, jnp.sum(batch["loss_mask"].astype(F32)))

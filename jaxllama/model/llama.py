@@ -374,15 +374,19 @@ def head_kernel(params: dict, a: Arch) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def _layer_of(x: Any, i: int) -> Any:
-    """Layer ``i`` of a stacked leaf: an array's slice, or a sharding / ShapeDtypeStruct without the
-    leading ``layers`` axis (so one function maps params, their shardings and abstract params)."""
+def _layers_of(x: Any, n: int) -> list:
+    """The ``n`` layers of a stacked leaf. A JAX array (or tracer) is cut with one ``lax.split``, whose
+    gradient is one concatenate (per-layer slices would transpose to ``n`` zero-padded full-size
+    adds: ~15% of a 30-layer step on CPU); a numpy array gives views; a sharding or ShapeDtypeStruct
+    loses its leading ``layers`` axis (so one function maps params, their shardings and abstract params)."""
     if isinstance(x, NamedSharding):
-        return NamedSharding(x.mesh, PartitionSpec(*x.spec[1:]))
+        return [NamedSharding(x.mesh, PartitionSpec(*x.spec[1:]))] * n
     if isinstance(x, jax.ShapeDtypeStruct):
-        sharding = _layer_of(x.sharding, i) if isinstance(x.sharding, NamedSharding) else None
-        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
-    return x[i]
+        sharding = _layers_of(x.sharding, 1)[0] if isinstance(x.sharding, NamedSharding) else None
+        return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)] * n
+    if isinstance(x, np.ndarray):
+        return list(x)
+    return [piece[0] for piece in jax.lax.split(x, [1] * n)]
 
 
 def unstack_layers(params: dict, n_layers: int) -> dict:
@@ -391,8 +395,10 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
     if "layers" not in params:
         return params
     out = {k: v for k, v in params.items() if k != "layers"}
+    leaves, tree = jax.tree.flatten(params["layers"])
+    per_leaf = [_layers_of(x, n_layers) for x in leaves]
     for i in range(n_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: _layer_of(x, i), params["layers"])
+        out[f"layers_{i}"] = jax.tree.unflatten(tree, [layers[i] for layers in per_leaf])
     return out
 
 

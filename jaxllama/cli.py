@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_check(sub)
     _add_convert(sub)
     _add_tokenizer(sub)
+    _add_data(sub)
     _add_generate(sub)
     _add_eval(sub)
     return parser
@@ -142,7 +143,11 @@ def _add_convert(sub) -> None:
                                    "stream one at a time; DST appears only when complete.")
     p.add_argument("src", help="source checkpoint (file or folder)")
     p.add_argument("dst", help="destination (must not exist)")
-    p.add_argument("--to", required=True, choices=("jaxllama", "hf", "meta", "gguf"), help="output format")
+    p.add_argument("--to", required=True, choices=("jaxllama", "hf", "meta", "gguf", "peft"),
+                   help="output format (peft: a LoRA run's adapter as a PEFT folder)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="SRC is a LoRA adapter (run or PEFT folder): write its base with the adapter folded in")
+    p.add_argument("--base", help="--merge-lora: the base model (default: the one the adapter records)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast weights (default: as stored)")
     p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
                    help="GGUF tensor type (default: from --dtype or the source; norms stay f32)")
@@ -157,7 +162,8 @@ def cmd_convert(args) -> int:
     from jaxllama.convert import convert
 
     out = convert(args.src, args.dst, args.to, dtype=args.dtype, gguf_type=args.gguf_type,
-                  shard_size=parse_size(args.shard_size, "--shard-size"), meta_shards=args.shards)
+                  shard_size=parse_size(args.shard_size, "--shard-size"), meta_shards=args.shards,
+                  merge_lora=args.merge_lora, base=args.base)
     print(f"wrote {out} ({args.to})")
     return 0
 
@@ -216,9 +222,32 @@ def cmd_tokenizer_info(args) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect training data as the pipeline sees it",
+                       description="Data tools.")
+    dsub = p.add_subparsers(dest="data_verb", required=True, parser_class=_Parser)
+    i = dsub.add_parser("inspect", help="show records' tokens with the loss mask (what is trained)", epilog=EPILOG,
+                        description="Render and tokenize records of data.source exactly as training does (chat "
+                                    "template, data.loss_on, data.truncate) and show the trained tokens: "
+                                    "[[marked]] (green on a terminal), or a token table with --tokens.")
+    _add_config_args(i)
+    i.add_argument("--count", type=int, default=1, help="records to show (default 1)")
+    i.add_argument("--skip", type=int, default=0, help="records to skip first (default 0)")
+    i.add_argument("--tokens", action="store_true", help="one line per token: position, id, T/., piece")
+    i.set_defaults(func=cmd_data_inspect)
+
+
+def cmd_data_inspect(args) -> int:
+    from jaxllama.data.chat_data import inspect_records
+
+    print(inspect_records(_load(args), args.count, args.skip, args.tokens, color=sys.stdout.isatty()))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a jaxllama checkpoint or run dir, a Hugging Face or Meta folder, or a .gguf file")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the one beside the model)")
+    p.add_argument("--lora", help="a LoRA adapter (a jaxllama LoRA run or a PEFT folder) over MODEL (generate runs it unmerged; eval folds it in)")
     p.add_argument("--mesh", help="inference mesh, e.g. data=1,tensor=4 (default: widest tensor split that fits)")
     p.add_argument("--rules", help="logical-axis rules as in mesh.rules: a YAML list, or a config file (e.g. a "
                                    "run's config.yaml) whose mesh.rules is used (default: the built-in rules)")
@@ -273,7 +302,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
-    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args))
+    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args), lora=args.lora)
     quiet = (lambda _: None) if jax.process_index() else None
     say = None if jax.process_index() else (lambda line: print(line, file=sys.stderr, flush=True))
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
@@ -308,7 +337,7 @@ def cmd_eval(args) -> int:
     result = evaluate(args.model, args.data, args.tokenizer, args.mesh, args.dtype, args.seq_len, args.batch,
                       args.max_batches, args.overrides,
                       say=(lambda line: print(line, file=sys.stderr)) if main_process else (lambda _: None),
-                      rules=_rules(args))
+                      rules=_rules(args), lora=args.lora)
     if main_process:
         print(json.dumps(result))
     return 0

@@ -29,7 +29,10 @@ ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "wsd", "constant")
 ROPE_TYPES = ("default", "llama3")
-DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord")
+DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord", "chat", "prompt_completion")
+CHAT_FORMATS = ("chat", "prompt_completion")
+LOSS_ON = ("assistant", "last_assistant", "all")
+TRUNCATE_MODES = ("right", "left", "drop")
 PACKING_MODES = ("pack", "concat")
 
 # The default logical-axis rules (weights; activation_* names follow them, see parallel/sharding.py):
@@ -103,7 +106,7 @@ class DataConfig:
     seq_len: int = 128
     global_batch: int = 16
     tokenizer: str | None = None  # a tokenizer file/folder; None with stdlib: train one and cache it
-    format: str = "auto"  # files: auto | text (a document per file) | lines | jsonl | tfrecord
+    format: str = "auto"  # files: auto | text (a document per file) | lines | jsonl | tfrecord | chat | prompt_completion
     text_key: str = "text"  # the field holding text in JSONL, TFRecord and TFDS records
     tfds_data_dir: str | None = None
     split: str = "train"  # TFDS split read for training
@@ -117,6 +120,10 @@ class DataConfig:
     eval_fraction: float = 0.0  # else hold out this fraction of the training source's documents
     prefetch: int = 4  # batches prepared ahead in a background thread
     skip_bad_records: bool = False  # skip (and count) empty files, invalid UTF-8, bad JSONL/TFRecord records
+    # chat / prompt_completion (fine-tuning; see jaxllama/data/chat_data.py):
+    loss_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all (every token)
+    chat_template: str = "auto"  # auto (the tokenizer's Jinja template, else Llama 3/2 by its tokens) | jinja | llama3 | llama2
+    truncate: str = "right"  # a conversation longer than seq_len + 1 tokens: right (keep the start) | left | drop
 
 
 @dataclass
@@ -131,6 +138,20 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (``rank`` 0: full fine-tuning). Targets are Hugging Face module names; the delta
+    ``alpha / rank * x A B`` starts at zero (B = 0), as in PEFT."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, training only
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
@@ -148,6 +169,7 @@ class TrainConfig:
     init_from: str | None = None  # start from these weights (HF/Meta/GGUF/jaxllama); optimizer starts fresh
     eval_every: int = 0  # steps between evals (when eval data is configured); 0: only at the end
     eval_batches: int = 0  # batches per eval; 0: one whole pass over the eval data (synthetic: 8)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -189,14 +211,38 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated."""
     cfg = Config()
     _apply_tree(cfg, tree, prefix="")
+    preset_given = "preset" in (tree.get("model") or {}) if isinstance(tree.get("model"), dict) else False
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         _set(cfg, key.strip(), _parse_scalar(raw))
+        preset_given = preset_given or key.strip() == "model.preset"
+    if cfg.train.init_from and not preset_given:
+        _model_from_checkpoint(cfg)
     resolve_model(cfg.model)
     validate(cfg)
+    if cfg.train.init_from and "://" not in cfg.train.init_from:  # a run's saved config works from anywhere
+        cfg.train.init_from = str(Path(cfg.train.init_from).expanduser().resolve())
     return cfg
+
+
+def _model_from_checkpoint(cfg: Config) -> None:
+    """Fine-tuning without a preset: the architecture of ``train.init_from`` (fields set explicitly win)."""
+    path = cfg.train.init_from
+    if "://" not in path and not Path(path).expanduser().exists():
+        raise ConfigError(f"train.init_from: {path}: no such file or folder")
+    from jaxllama.convert.api import checkpoint_model_config
+
+    try:
+        stored = checkpoint_model_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    m = cfg.model
+    for f in dataclasses.fields(ModelConfig):
+        if f.default is None and getattr(m, f.name) is None:  # an architecture field the user left unset
+            setattr(m, f.name, getattr(stored, f.name))
+    m.preset = stored.preset
 
 
 def save_config(cfg: Config, path: str | Path) -> list[str]:
@@ -378,6 +424,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds the model's positions (model.max_position={m.max_position})")
     _choice("data.format", d.format, DATA_FORMATS)
     _choice("data.packing", d.packing, PACKING_MODES)
+    _choice("data.loss_on", d.loss_on, LOSS_ON)
+    _choice("data.chat_template", d.chat_template, ("auto", "jinja", "llama3", "llama2"))
+    _choice("data.truncate", d.truncate, TRUNCATE_MODES)
+    if d.format in CHAT_FORMATS:
+        for key, src in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+            if src is not None and (src in ("stdlib", "synthetic") or src.startswith("tfds:")):
+                raise ConfigError(f"{key}={src}: data.format={d.format} reads JSONL files; give a file glob "
+                                  f"(e.g. {key}=chat.jsonl)")
     if d.shuffle_buffer < 1 or d.prefetch < 0:
         raise ConfigError("data.shuffle_buffer must be >= 1 and data.prefetch >= 0")
     if not 0 <= d.eval_fraction < 1:
@@ -407,11 +461,32 @@ def validate(cfg: Config) -> None:
         _positive("train.peak_flops", t.peak_flops)
     if d.global_batch % t.grad_accum:
         raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by train.grad_accum={t.grad_accum}")
+    _validate_lora(t.lora)
     _validate_mesh_shape(cfg.mesh)
     for name in ("every", "keep_every"):
         if getattr(cfg.checkpoint, name) < 0:
             raise ConfigError(f"checkpoint.{name}: must be >= 0, got {getattr(cfg.checkpoint, name)}")
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+
+def _validate_lora(lora: LoraConfig) -> None:
+    if lora.rank < 0:
+        raise ConfigError(f"train.lora.rank: must be >= 0 (0: no adapters), got {lora.rank}")
+    if not lora.rank:
+        return
+    _positive("train.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"train.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if not targets:
+        raise ConfigError(f"train.lora.targets: empty; name some of {', '.join(LORA_TARGETS)}")
+    for name in targets:
+        if name not in LORA_TARGETS:
+            close = difflib.get_close_matches(str(name), LORA_TARGETS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"train.lora.targets: {name!r} matches no linear layer of the blocks{hint}; "
+                              f"they are {', '.join(LORA_TARGETS)}")
+    lora.targets = list(dict.fromkeys(targets))
 
 
 def parse_rules(text: str, key: str = "--rules") -> list:

@@ -58,7 +58,7 @@ def flops_per_token(a: Arch, seq_len: int, causal: bool = True) -> float:
 def target_arch(cfg: Config) -> Arch:
     """The architecture as an accelerator would run it: ``auto`` dtype -> bfloat16, ``auto`` attention
     -> a flash kernel (recorded as ``dot_product``), independent of the backend planning runs on."""
-    return dataclasses.replace(Arch.from_config(cfg.model), dtype="bfloat16" if cfg.model.dtype == "auto" else
+    return dataclasses.replace(Arch.from_config(cfg.model, cfg.train.lora), dtype="bfloat16" if cfg.model.dtype == "auto" else
                                cfg.model.dtype, attention="dot_product" if cfg.model.attention == "auto" else
                                cfg.model.attention)
 
@@ -123,18 +123,21 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     devices = jax.device_count() if devices is None else devices
     program = program or build_program(cfg, devices, target_arch(cfg))
     arch, abstract, shardings = program.arch, program.abstract_state, program.state_shardings
-    params = per_device_bytes(abstract.params, shardings.params)
+    whole, whole_sh = abstract.model_tree(), shardings.model_tree()  # a LoRA state: frozen base + adapters
+    params = per_device_bytes(whole, whole_sh)
     opt = per_device_bytes(abstract.opt_state, shardings.opt_state)
     sizes = program.plan.shape
     # FSDP gathers one layer's weights (compute dtype, still split over tensor) for its matmuls, and
     # XLA overlaps the next layer's gather with this one: two layers' worth in flight.
-    layer_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(abstract.params["layers"]))
+    layer_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(whole["layers"]))
     gathered = int(2 * layer_params / sizes["tensor"] * _DTYPE_BYTES[arch.dtype])
     act = estimate_activations(arch, sizes, cfg.data.seq_len, cfg.data.global_batch, cfg.train.grad_accum,
                                cfg.train.loss_chunk)
-    grads = params  # float32 gradients, sharded like the parameters (reduce-scattered)
+    grads = per_device_bytes(abstract.params, shardings.params)  # of the trained params only, sharded like them
     total = params + opt + grads + gathered + act.total
-    out = dict(preset=cfg.model.preset, params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    out = dict(preset=cfg.model.preset, params=count(whole), trainable=count(abstract.params),
+               lora_rank=arch.lora_rank,
                mesh=sizes, devices=devices, dtype=arch.dtype, remat=arch.remat, attention=arch.attention,
                rows=cfg.data.global_batch // (program.layout.shards("activation_batch") * cfg.train.grad_accum),
                flops_per_token=flops_per_token(arch, cfg.data.seq_len),
@@ -176,9 +179,10 @@ def format_plan(p: dict) -> str:
     lines = [
         f"plan:             {p['devices']} devices, mesh {mesh}; {p['dtype']} compute, remat {p['remat']}, "
         f"attention {p['attention']}; {p['rows']} row(s) x {p['seq_len']} tokens per device per micro-batch",
-        f"  parameters      {g(p['param_bytes'])}   (float32 master weights, sharded)",
-        f"  optimizer       {g(p['opt_bytes'])}   (AdamW moments, sharded like the parameters)",
-        f"  gradients       {g(p['grad_bytes'])}",
+        f"  parameters      {g(p['param_bytes'])}   (master weights, sharded"
+        + (f"; the frozen base and LoRA adapters)" if p.get("lora_rank") else ")"),
+        f"  optimizer       {g(p['opt_bytes'])}   (AdamW moments of the trained parameters, sharded like them)",
+        f"  gradients       {g(p['grad_bytes'])}" + ("   (adapters only)" if p.get("lora_rank") else ""),
         f"  gathered layers {g(p['gathered_bytes'])}   (FSDP all-gather of ~2 layers' weights)",
         f"  activations     {g(p['act_saved_bytes'])}   (kept for backward, all layers; estimate)",
         f"  layer transient {g(p['act_peak_bytes'])}   (one layer being recomputed/differentiated)",
@@ -200,9 +204,13 @@ def format_info(info: dict) -> str:
     return "\n".join([
         f"model:            {info['preset']}",
         f"parameters:       {info['params']:,}",
+        *([f"trainable:        {info['trainable']:,} (LoRA rank {info['lora_rank']}: "
+           f"{100 * info['trainable'] / info['params']:.2f}% of the parameters; the base is frozen)"]
+          if info.get("lora_rank") else []),
         f"mesh:             {mesh} ({info['devices']} devices)",
         f"per device:       params {info['param_bytes'] / gib:.3f} GiB + optimizer "
-        f"{info['opt_bytes'] / gib:.3f} GiB = {state / gib:.3f} GiB",
+        f"{info['opt_bytes'] / gib:.3f} GiB = {state / gib:.3f} GiB"
+        + (f" (+ gradients {info['grad_bytes'] / gib:.4f} GiB)" if info.get("lora_rank") else ""),
         f"train FLOPs/token: {info['flops_per_token']:.4g} at data.seq_len={info['seq_len']} "
         f"(non-causal {info['flops_per_token_noncausal']:.4g}; set data.seq_len and data.global_batch to plan your run)",
     ])

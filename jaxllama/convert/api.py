@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from jaxllama.config import ModelConfig
-from jaxllama.convert.common import Source, keep_until_exit, parse_dtype, stacked_params
+from jaxllama.convert.common import Source, keep_until_exit, parse_dtype, stacked_params  # noqa: F401
 from jaxllama.errors import ConfigError
 
 FORMATS = ("hf", "meta", "gguf", "jaxllama")
+ADAPTER_FORMATS = ("peft",)  # --to peft: a LoRA adapter alone
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -42,6 +43,10 @@ def open_source(path: str | Path, dtype: np.dtype | str | None = None) -> Source
     """A lazy reader of the checkpoint at ``path`` (format detected); use it as a context manager."""
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)
+    from jaxllama.convert import adapters
+
+    if adapters.is_adapter(path):  # a LoRA run (or PEFT folder): its base with the adapter folded in
+        return adapters.open_merged(path, None, dtype)
     fmt = detect_format(path)
     if fmt == "hf":
         from jaxllama.convert.hf import HFSource
@@ -58,6 +63,30 @@ def open_source(path: str | Path, dtype: np.dtype | str | None = None) -> Source
     from jaxllama.convert.jaxllama_format import JaxllamaSource
 
     return JaxllamaSource(path, dtype)
+
+
+def checkpoint_model_config(path: str) -> ModelConfig:
+    """The architecture of any checkpoint, reading metadata only (no tensor)."""
+    if detect_format(path) == "jaxllama":
+        from jaxllama.checkpoint.params import load_model_config
+
+        return load_model_config(path)
+    with open_source(path) as src:
+        return src.model_cfg
+
+
+def checkpoint_tokenizer(path: str) -> str | None:
+    """The folder of tokenizer files that comes with a checkpoint (a GGUF's is rebuilt into a temporary
+    folder kept until the process exits), or None."""
+    src = open_source(path)
+    try:
+        tok = src.extras.tokenizer_dir
+        if tok is not None and src.extras.cleanup:
+            keep_until_exit(list(src.extras.cleanup))
+            src.extras.cleanup.clear()
+        return str(tok) if tok is not None else None
+    finally:
+        src.close()
 
 
 @dataclass
@@ -80,11 +109,17 @@ class LoadedModel:
     format: str = ""
 
 
-def load_model(path: str, dtype: Any = None) -> LoadedModel:
-    """Read any supported checkpoint into the canonical tree; ``dtype`` (e.g. ``"bfloat16"``) casts on read."""
+def load_model(path: str, dtype: Any = None, lora: str | None = None) -> LoadedModel:
+    """Read any supported checkpoint into the canonical tree; ``dtype`` (e.g. ``"bfloat16"``) casts on read.
+    ``lora``: a LoRA adapter folded into ``path``'s weights (``eval --lora``)."""
     if dtype is not None and not isinstance(dtype, str):
         dtype = np.dtype(dtype).name  # np.float32, jnp.bfloat16 ... -> "float32", "bfloat16"
-    src = open_source(path, dtype)
+    if lora is not None:
+        from jaxllama.convert.adapters import open_merged
+
+        src = open_merged(lora, path, parse_dtype(dtype))
+    else:
+        src = open_source(path, dtype)
     params = stacked_params(src)
     ex = src.extras
     tok = ex.tokenizer_dir
@@ -98,15 +133,19 @@ def load_model(path: str, dtype: Any = None) -> LoadedModel:
 
 
 def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, gguf_type: str | None = None,
-            shard_size: int = 5 * 2**30, meta_shards: int = 1) -> Path:
+            shard_size: int = 5 * 2**30, meta_shards: int = 1, merge_lora: bool = False,
+            base: str | None = None) -> Path:
     """Convert ``src_path`` (format detected) to ``to`` at ``dst_path``; returns the written path.
 
     ``dtype`` casts the weights (default: keep the source's); ``gguf_type`` picks the GGUF tensor type
     (default: f32/f16/bf16 from ``dtype`` or the source dtype). Output is written under a temporary name
-    and renamed at the end.
+    and renamed at the end. A LoRA adapter (a LoRA run, a PEFT folder) goes ``--to peft``, or with
+    ``merge_lora`` folded into its base (``base``, default the one it records) to any model format.
     """
-    if to not in FORMATS:
-        raise ConfigError(f"--to: {to!r} is not one of {', '.join(FORMATS)}")
+    from jaxllama.convert import adapters
+
+    if to not in FORMATS + ADAPTER_FORMATS:
+        raise ConfigError(f"--to: {to!r} is not one of {', '.join(FORMATS + ADAPTER_FORMATS)}")
     if gguf_type is not None and to != "gguf":
         raise ConfigError("--gguf-type applies only to --to gguf")
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
@@ -115,7 +154,26 @@ def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, ggu
         raise ConfigError(f"--shard-size: must be positive, got {shard_size}")
     if Path(dst_path).exists():
         raise ConfigError(f"{dst_path}: already exists; remove it or choose another destination")
-    with open_source(src_path, dtype) as src:
+    lora = adapters.is_adapter(src_path)
+    if to == "peft":
+        if not lora:
+            raise ConfigError(f"--to peft: {src_path} is not a LoRA adapter (train with train.lora.rank > 0)")
+        if merge_lora:
+            raise ConfigError("--merge-lora writes a whole model: use --to hf, gguf, meta or jaxllama")
+        return adapters.write_peft(adapters.read_adapter(src_path), dst_path)
+    if lora and not merge_lora:
+        raise ConfigError(f"{src_path} is a LoRA adapter: write it with --to peft, or the base with the adapter "
+                          f"folded in with --merge-lora --to {to}")
+    if merge_lora and not lora:
+        raise ConfigError(f"--merge-lora: {src_path} is not a LoRA adapter")
+    if base is not None and not merge_lora:
+        raise ConfigError("--base applies only to --merge-lora")
+    src = adapters.open_merged(src_path, base, parse_dtype(dtype)) if lora else open_source(src_path, dtype)
+    return _write(src, dst_path, to, gguf_type, shard_size, meta_shards)
+
+
+def _write(src: Source, dst_path: str, to: str, gguf_type: str | None, shard_size: int, meta_shards: int) -> Path:
+    with src:
         if to == "hf":
             from jaxllama.convert.hf import write_hf
 

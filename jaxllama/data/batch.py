@@ -12,4 +12,4 @@ import numpy as np
 BATCH_DTYPES: dict[str, type] = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32,
                                  "positions": np.int32, "loss_mask": np.float32}
 BATCH_KEYS = tuple(BATCH_DTYPES)
-ROW_KEYS = BATCH_KEYS[:4]  # what a packer stores per row; loss_mask is derived from segment_ids
+ROW_KEYS = BATCH_KEYS  # what a packer stores per row (loss_mask: 1 where the target is trained)

@@ -115,6 +115,29 @@ def read_documents(path: str, fmt: str = "auto", text_key: str = "text", bad: Ba
             bad(path, "empty file")
 
 
+def read_chat_documents(path: str, encoder, bad: BadRecords | None = None) -> Iterator[bytes]:
+    """Encoded documents (:func:`jaxllama.data.chat_data.pack_doc`) of one chat/prompt_completion JSONL
+    file; a bad record goes to ``bad`` with its file:line."""
+    from jaxllama.data.chat_data import BadRecord, encode_line, pack_doc
+
+    bad = bad or BadRecords()
+    lineno = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, "strict", path, lineno, bad)
+            if line is None or not line.strip():
+                continue
+            try:
+                doc = encode_line(encoder, line)
+            except BadRecord as e:
+                bad(f"{path}:{lineno}", str(e))
+                continue
+            if doc is not None:
+                yield pack_doc(*doc)
+    if lineno == 0:
+        bad(path, "empty file")
+
+
 def _decode(data: bytes, errors: str, path: str, first_line: int, bad: BadRecords) -> str | None:
     try:
         return data.decode("utf-8", errors=errors)

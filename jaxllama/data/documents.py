@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from jaxllama.config import DataConfig
-from jaxllama.data.corpus import BadRecords, SourceSpec, file_format, read_documents, resolve_files, stdlib_files
+from jaxllama.data.corpus import (BadRecords, SourceSpec, file_format, read_chat_documents, read_documents,
+                                  resolve_files, stdlib_files)
 from jaxllama.errors import ConfigError
 
 HOLDOUT_BUCKETS = 10_000
@@ -24,11 +25,13 @@ HOLDOUT_BUCKETS = 10_000
 
 def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle: bool, process_index: int,
               process_count: int, split: str, holdout: str | None = None, key: str = "data.source",
-              bad: BadRecords | None = None) -> tf.data.Dataset:
+              bad: BadRecords | None = None, encoder=None) -> tf.data.Dataset:
     """This process's documents (tf.string scalars) for one epoch, shuffled if asked.
 
     ``holdout``: None (all documents), "train" (without the held-out fraction) or "eval" (only it).
-    ``bad``: where bad file records go (an error unless ``data.skip_bad_records``).
+    ``bad``: where bad file records go (an error unless ``data.skip_bad_records``). ``encoder``
+    (chat formats): records become encoded documents (ids and loss mask as bytes) in the reader,
+    which knows each record's file:line.
     """
     if spec.kind == "tfds":
         ds = _tfds_documents(spec.name, d, split, epoch, seed, shuffle, process_index, process_count, key)
@@ -40,7 +43,8 @@ def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle
         by_file = len(files) >= process_count
         if by_file:
             files = files[process_index::process_count]
-        ds = _file_documents(files, fmt, d.text_key, bad or BadRecords(), lenient=spec.kind == "stdlib")
+        ds = _file_documents(files, fmt, d.text_key, bad or BadRecords(), lenient=spec.kind == "stdlib",
+                             encoder=encoder)
         if not by_file:
             ds = ds.shard(process_count, process_index)
     if holdout is not None and d.eval_fraction > 0:
@@ -56,13 +60,16 @@ def _seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 29]).integers(0, 2**31 - 1))
 
 
-def _file_documents(files: list[str], fmt: str, text_key: str, bad: BadRecords, lenient: bool) -> tf.data.Dataset:
+def _file_documents(files: list[str], fmt: str, text_key: str, bad: BadRecords, lenient: bool,
+                    encoder=None) -> tf.data.Dataset:
     """Documents read in plain Python, so a bad record is reported with its file and line (or record
     number) or skipped and counted; tokenizing, the expensive part, stays parallel in tf.data."""
 
     def generate():
         for f in files:
-            if file_format(f, fmt) == "tfrecord":
+            if encoder is not None:
+                yield from read_chat_documents(f, encoder, bad)
+            elif file_format(f, fmt) == "tfrecord":
                 yield from _tfrecord_documents(f, text_key, bad)
             else:
                 yield from read_documents(f, fmt, text_key, bad, lenient=lenient)

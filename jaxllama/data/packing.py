@@ -11,7 +11,9 @@ Two modes:
   padding, attention runs across document boundaries.
 
 Every token after the first of a document is predicted exactly once: a document of n tokens gives
-n - 1 (input, target) pairs, and a long document's pieces overlap by one token.
+n - 1 (input, target) pairs, and a long document's pieces overlap by one token. A document may carry
+a per-token mask (chat fine-tuning: only assistant tokens are trained); the pair that predicts token
+j gets ``loss_mask = mask[j]``, wherever packing puts it.
 
 The packer's whole state is a few arrays (:meth:`Packer.state`), so a pipeline resumes exactly.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllama.data.batch import ROW_KEYS
+from jaxllama.data.batch import BATCH_DTYPES, ROW_KEYS
 
 
 class Packer:
@@ -35,35 +37,41 @@ class Packer:
         self.nseg = np.zeros(0, np.int64)  # segments in each open row
         self.ready: list[dict[str, np.ndarray]] = []  # finished rows, in order
         self.stream = np.zeros(0, np.int32)  # concat mode: tokens not yet in a row
+        self.stream_mask = np.zeros(0, np.float32)  # and whether each is trained
         self.real_tokens = 0  # non-pad tokens in rows handed out
         self.total_tokens = 0
 
     def _empty(self, k: int) -> dict[str, np.ndarray]:
         t = self.seq_len
         return {"tokens": np.full((k, t), self.pad_id, np.int32), "targets": np.full((k, t), self.pad_id, np.int32),
-                "segment_ids": np.zeros((k, t), np.int32), "positions": np.zeros((k, t), np.int32)}
+                "segment_ids": np.zeros((k, t), np.int32), "positions": np.zeros((k, t), np.int32),
+                "loss_mask": np.zeros((k, t), np.float32)}
 
     # -- input ---------------------------------------------------------------------------------
 
-    def add(self, ids: np.ndarray) -> None:
-        """One document's token ids (BOS/EOS already added as wanted). Fewer than 2 tokens: nothing to learn."""
+    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """One document's token ids (BOS/EOS already added as wanted) and optionally which of its tokens
+        are trained as targets (default: all). Fewer than 2 tokens: nothing to learn."""
         ids = np.asarray(ids, np.int32)
+        mask = np.ones(ids.size, np.float32) if mask is None else np.asarray(mask, np.float32)
         if ids.size < 2:
             return
         if self.mode == "concat":
             self.stream = np.concatenate([self.stream, ids])
+            self.stream_mask = np.concatenate([self.stream_mask, mask])
             t = self.seq_len
             n_rows = (self.stream.size - 1) // t
             for r in range(n_rows):
-                piece = self.stream[r * t: r * t + t + 1]
+                piece, m = self.stream[r * t: r * t + t + 1], self.stream_mask[r * t: r * t + t + 1]
                 self.ready.append({"tokens": piece[:-1].copy(), "targets": piece[1:].copy(),
-                                   "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32)})
-            self.stream = self.stream[n_rows * t:]
+                                   "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32),
+                                   "loss_mask": m[1:].copy()})
+            self.stream, self.stream_mask = self.stream[n_rows * t:], self.stream_mask[n_rows * t:]
             return
         for start in range(0, ids.size - 1, self.seq_len):
-            self._place(ids[start: start + self.seq_len + 1])
+            self._place(ids[start: start + self.seq_len + 1], mask[start: start + self.seq_len + 1])
 
-    def _place(self, piece: np.ndarray) -> None:
+    def _place(self, piece: np.ndarray, mask: np.ndarray) -> None:
         n = piece.size - 1  # (input, target) pairs in this piece
         free = self.seq_len - self.fill
         fits = np.nonzero(free >= n)[0]
@@ -80,6 +88,7 @@ class Packer:
         self.open["targets"][row, a:b] = piece[1:]
         self.open["segment_ids"][row, a:b] = self.nseg[row]
         self.open["positions"][row, a:b] = np.arange(n, dtype=np.int32)
+        self.open["loss_mask"][row, a:b] = mask[1:]
         self.fill[row] = b
         if b == self.seq_len:
             self._retire(row)
@@ -106,8 +115,9 @@ class Packer:
             row = {k: v[0] for k, v in row.items()}
             row["tokens"][:n], row["targets"][:n] = self.stream[:-1], self.stream[1:]
             row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
+            row["loss_mask"][:n] = self.stream_mask[1:]
             self.ready.append(row)
-        self.stream = np.zeros(0, np.int32)
+        self.stream, self.stream_mask = np.zeros(0, np.int32), np.zeros(0, np.float32)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -116,9 +126,8 @@ class Packer:
         rows, self.ready = self.ready[:n], self.ready[n:]
         rows += [{k: v[0] for k, v in self._empty(1).items()} for _ in range(n - len(rows))]
         batch = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
-        batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
-        self.real_tokens += int(batch["loss_mask"].sum())
-        self.total_tokens += batch["loss_mask"].size
+        self.real_tokens += int((batch["segment_ids"] > 0).sum())
+        self.total_tokens += batch["segment_ids"].size
         return batch
 
     @property
@@ -130,20 +139,25 @@ class Packer:
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that describe the packer completely (copies: later adds do not change them)."""
-        ready = {k: np.stack([r[k] for r in self.ready]) if self.ready else np.zeros((0, self.seq_len), np.int32)
+        ready = {k: np.stack([r[k] for r in self.ready]) if self.ready else np.zeros((0, self.seq_len), BATCH_DTYPES[k])
                  for k in ROW_KEYS}
         out = {f"open_{k}": v.copy() for k, v in self.open.items()}
         out.update({f"ready_{k}": v for k, v in ready.items()})
         out.update(fill=self.fill.copy(), nseg=self.nseg.copy(), stream=self.stream.copy(),
-                   counts=np.array([self.real_tokens, self.total_tokens], np.int64))
+                   stream_mask=self.stream_mask.copy(), counts=np.array([self.real_tokens, self.total_tokens], np.int64))
         return out
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         if state["open_tokens"].shape[1:] != (self.seq_len,):
             raise ValueError(f"packer state has rows of {state['open_tokens'].shape[1:]}, expected ({self.seq_len},)")
-        self.open = {k: np.array(state[f"open_{k}"], np.int32) for k in ROW_KEYS}
+        state = dict(state)
+        for where in ("open", "ready"):  # a state saved before masks were kept: every real token was trained
+            state.setdefault(f"{where}_loss_mask", (state[f"{where}_segment_ids"] > 0).astype(np.float32))
+        state.setdefault("stream_mask", np.ones(state["stream"].shape, np.float32))
+        self.open = {k: np.array(state[f"open_{k}"], BATCH_DTYPES[k]) for k in ROW_KEYS}
         n_ready = state["ready_tokens"].shape[0]
-        self.ready = [{k: np.array(state[f"ready_{k}"][i], np.int32) for k in ROW_KEYS} for i in range(n_ready)]
+        self.ready = [{k: np.array(state[f"ready_{k}"][i], BATCH_DTYPES[k]) for k in ROW_KEYS} for i in range(n_ready)]
         self.fill, self.nseg = np.array(state["fill"], np.int64), np.array(state["nseg"], np.int64)
         self.stream = np.array(state["stream"], np.int32)
+        self.stream_mask = np.array(state["stream_mask"], np.float32)
         self.real_tokens, self.total_tokens = (int(x) for x in state["counts"])

@@ -64,13 +64,21 @@ class TextSource:
         self._halt = threading.Event()
         self.efficiency = 1.0
         self.bad = BadRecords(skip=d.skip_bad_records)  # shared with the reader: counts skipped records
+        self.encoder = None  # chat formats: renders and masks records in the reader (counts truncations)
+        from jaxllama.config import CHAT_FORMATS
+
+        if d.format in CHAT_FORMATS:
+            from jaxllama.data.chat_data import encoder_for
+
+            self.encoder = encoder_for(d, tokenizer)
         from jaxllama.data.documents import check_source
 
         check_source(spec, d, split, key)
 
     # -- producer ------------------------------------------------------------------------------
 
-    def _token_batches(self, epoch: int, skip: int) -> Iterator[list[np.ndarray]]:
+    def _token_batches(self, epoch: int, skip: int) -> Iterator[list]:
+        """Lists of documents: token ids, or (ids, mask) for chat formats."""
         import tensorflow as tf
 
         from jaxllama.data.documents import documents
@@ -78,7 +86,13 @@ class TextSource:
 
         ds = documents(self.spec, self.d, epoch=epoch, seed=self.seed, shuffle=self.d.shuffle and not self.finite,
                        process_index=self.process_index, process_count=self.process_count, split=self.split,
-                       holdout=self.holdout, key=self.key, bad=self.bad)
+                       holdout=self.holdout, key=self.key, bad=self.bad, encoder=self.encoder)
+        if self.encoder is not None:  # already tokenized and masked by the reader
+            from jaxllama.data.chat_data import unpack_doc
+
+            for raw in ds.skip(skip).batch(TOKENIZE_BATCH).prefetch(2).as_numpy_iterator():
+                yield [unpack_doc(bytes(x)) for x in raw]
+            return
         encode = tf_tokenize(self.tok)
 
         def tokenize(texts):
@@ -100,8 +114,11 @@ class TextSource:
             while not self._halt.is_set():
                 got = 0
                 for docs in self._token_batches(self.epoch, self.docs):
-                    for ids in docs:
-                        self.packer.add(self._document(ids))
+                    for doc in docs:
+                        if self.encoder is not None:
+                            self.packer.add(*doc)  # complete (template specials included) and masked
+                        else:
+                            self.packer.add(self._document(doc))
                         self.docs += 1
                         got += 1
                         while len(self.packer.ready) >= self.local_batch:
@@ -137,8 +154,16 @@ class TextSource:
 
     def describe(self) -> str:
         """One line for the run's log: where documents come from, the tokenizer, the packing."""
-        return (f"data: {self._describe()}, tokenizer {self.tok.path} ({self.tok.kind}, {self.tok.vocab_size} ids), "
-                f"{self.d.packing} into {self.d.seq_len}-token rows, {self.local_batch} rows per batch on this process")
+        chat = ""
+        if self.encoder is not None:
+            from jaxllama.infer.chat import resolve_format
+
+            fmt = resolve_format(self.tok, self.d.chat_template, key="data.chat_template")[0]
+            chat = (f"{self.d.format} records in the {fmt} chat format, loss on {self.d.loss_on} tokens, "
+                    f"truncate {self.d.truncate}, ")
+        return (f"data: {self._describe()}, {chat}tokenizer {self.tok.path} ({self.tok.kind}, {self.tok.vocab_size} "
+                f"ids), {self.d.packing} into {self.d.seq_len}-token rows, {self.local_batch} rows per batch on this "
+                f"process")
 
     def _describe(self) -> str:
         s = self.spec

@@ -84,6 +84,27 @@ class Tokenizer:
         """Ids of many texts, without BOS/EOS, using the library's parallel or batched path."""
         raise NotImplementedError
 
+    def encode_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int], list[int]]:
+        """(ids, start chars, end chars) of ``text`` without BOS/EOS: which characters each token covers,
+        so a character span (an assistant turn) maps to exact tokens. The ids equal ``encode``'s."""
+        ids, starts, ends = [], [], []
+        for base, part in _special_parts(text, self._parsed_specials() if special else {}):
+            if isinstance(part, int):
+                ids.append(part), starts.append(base), ends.append(base + len(self.piece(part)))
+                continue
+            i, s, e = self._offsets(part)
+            ids += i
+            starts += [base + x for x in s]
+            ends += [base + x for x in e]
+        return ids, starts, ends
+
+    def _offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        raise NotImplementedError
+
+    def _parsed_specials(self) -> dict[str, int]:
+        """The special-token strings ``special=True`` turns into their ids."""
+        return self._specials()
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens are rendered as their strings, control pieces as nothing)."""
         raise NotImplementedError
@@ -107,6 +128,17 @@ class Tokenizer:
         if token_id is None:
             raise ConfigError(f"tokenizer {self.path}: has no {what} token (set data.add_{what.lower()}=false)")
         return token_id
+
+
+def _special_parts(text: str, specials: dict[str, int]) -> list[tuple[int, str | int]]:
+    """(start char, plain string or special id) pieces of ``text``, as :func:`_split_on_specials` cuts it."""
+    out, pos = [], 0
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")" if specials else None
+    for i, part in enumerate(re.split(pattern, text) if pattern else [text]):
+        if part:
+            out.append((pos, specials[part] if i % 2 else part))
+        pos += len(part)
+    return out
 
 
 def _split_on_specials(text: str, specials: dict[str, int]) -> list[str | int]:
@@ -148,12 +180,23 @@ class SentencePieceTokenizer(Tokenizer):
         if not special:
             return self._sp.encode(text, out_type=int)
         out: list[int] = []
-        for part in _split_on_specials(text, {k: v for k, v in self._control.items() if k != "<unk>"}):
+        for part in _split_on_specials(text, self._parsed_specials()):
             out.extend([part] if isinstance(part, int) else self._sp.encode(part, out_type=int))
         return out
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int)
+
+    def _parsed_specials(self) -> dict[str, int]:
+        return {k: v for k, v in self._control.items() if k != "<unk>"}
+
+    def _offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        proto = self._sp.encode(text, return_type="proto")  # begin/end are byte offsets
+        raw = text.encode("utf-8")
+        char_at = np.zeros(len(raw) + 1, np.int64)  # byte offset -> character offset
+        char_at[1:] = np.cumsum([(b & 0xC0) != 0x80 for b in raw])
+        ps = list(proto.pieces)
+        return [p.id for p in ps], [int(char_at[p.begin]) for p in ps], [int(char_at[p.end]) for p in ps]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -207,6 +250,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def _offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        ids = self._encode(text, False)
+        _, starts = self._enc.decode_with_offsets(ids)
+        return ids, list(starts), list(starts[1:]) + [len(text)]
 
     def piece(self, token_id: int) -> str:
         raw = self._enc.decode_single_token_bytes(int(token_id))
@@ -316,6 +364,10 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int], list[int]]:
+        enc = (self._tok_special if special else self._tok).encode(text, add_special_tokens=False)
+        return list(enc.ids), [a for a, _ in enc.offsets], [b for _, b in enc.offsets]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -480,6 +532,9 @@ def copy_tokenizer(tok: Tokenizer, folder: Path) -> None:
         for name in SIDE_FILES:
             if (src.parent / name).is_file():
                 shutil.copyfile(src.parent / name, folder / name)
+    elif tok.chat_template:  # a .model file read from a folder with a template: keep the template
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "chat_template": tok.chat_template, "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos}, indent=2))
 
 
 def describe_tokenizer(path: str, text: str | None = None) -> str:

@@ -34,22 +34,23 @@ def eval_config(model_cfg, data: str, tokenizer: str | None, seq_len: int, batch
 def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
              seq_len: int | None = None, batch: int = 8, max_batches: int = 0, overrides: Sequence[str] = (),
              devices: list | None = None, say: Callable[[str], None] = lambda _: None,
-             rules: list | None = None) -> dict:
+             rules: list | None = None, lora: str | None = None) -> dict:
     """Sum NLL and token counts over the eval pass (or ``max_batches``); returns the summary dict.
 
-    ``seq_len`` defaults to 512 tokens per row, or the model's context when shorter.
+    ``seq_len`` defaults to 512 tokens per row, or the model's context when shorter. ``lora``: an
+    adapter folded into MODEL's weights first.
     """
     from jaxllama.convert import load_model
     from jaxllama.data.sources import make_source
 
     if max_batches < 0:
         raise ConfigError(f"--max-batches: must be >= 0 (0 = the whole eval pass), got {max_batches}")
-    loaded = load_model(model)
+    loaded = load_model(model, lora=lora)
     seq_len = seq_len or min(512, loaded.model_cfg.max_position)
     cfg = eval_config(loaded.model_cfg, data, tokenizer or loaded.tokenizer_path, seq_len, batch, overrides)
     arch = inference_arch(Arch.from_config(cfg.model), dtype)
     program = inference_program(arch, parse_mesh(mesh), devices, rules, data=cfg.data)
-    params = place_params(loaded.params, arch, program.layout, program.state_shardings.params)
+    params = place_params(loaded.params, arch, program.layout, program.params_shardings)
     source = make_source(cfg, split="eval")
     start = time.perf_counter()
     try:

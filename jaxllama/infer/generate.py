@@ -32,14 +32,26 @@ class Loaded:
 
 
 def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
-         devices: list | None = None, rules: list | None = None) -> Loaded:
+         devices: list | None = None, rules: list | None = None, lora: str | None = None) -> Loaded:
     """Read MODEL (jaxllama/HF/Meta/GGUF), place it sharded on the inference mesh (``--mesh``, laid out
-    by ``rules``: default the training defaults), open its tokenizer."""
-    from jaxllama.convert import load_model
-    from jaxllama.data.tokenizers import load_tokenizer
+    by ``rules``: default the training defaults), open its tokenizer.
 
-    loaded = load_model(model)
-    arch = inference_arch(Arch.from_config(loaded.model_cfg), dtype, scan_layers=False)
+    ``lora`` (a LoRA run or PEFT folder), or MODEL itself being a LoRA run: the adapter runs beside the
+    base weights, unmerged (the model computes ``x W + alpha / rank * x A B``), with the run's tokenizer."""
+    from jaxllama.convert import adapters, load_model
+    from jaxllama.data.tokenizers import load_tokenizer
+    from jaxllama.model.lora import merge
+
+    adapter = adapters.read_adapter(lora or model) if lora or adapters.is_adapter(model) else None
+    loaded = load_model(model) if lora or adapter is None else adapters.load_base(adapter)
+    lora_cfg = None
+    if adapter is not None:
+        adapter.check_fits(loaded.model_cfg, model)
+        lora_cfg = adapter.lora_config()
+        loaded.params = merge(loaded.params, adapter.tree())
+        if adapter.tokenizer_dir is not None:
+            loaded.tokenizer_path = str(adapter.tokenizer_dir)
+    arch = inference_arch(Arch.from_config(loaded.model_cfg, lora_cfg), dtype, scan_layers=False)
     tok_path = tokenizer or loaded.tokenizer_path
     if tok_path is None:
         raise ConfigError(f"{model}: no tokenizer found beside the model; pass --tokenizer PATH")
@@ -50,7 +62,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     program = inference_program(arch, parse_mesh(mesh), devices, rules)
     layout = program.layout
     params = place_params(model_params(loaded.params, arch), arch, layout,  # numpy views, no copy
-                          program.model_params(program.state_shardings.params))
+                          program.model_params(program.params_shardings))
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 
 

@@ -40,7 +40,7 @@ def inference_program(a: Arch, sizes: dict[str, int] | None = None, devices: lis
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
                           f"devices, got {n}")
-    model = ModelConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Arch)})
+    model = ModelConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Arch) if not f.name.startswith("lora_")})
     cfg = Config(model=model, mesh=MeshConfig(**sizes, rules=list(rules or DEFAULT_RULES)),
                  data=data or DataConfig(seq_len=1, global_batch=n))
     try:

@@ -70,12 +70,21 @@ class Arch:
     attention: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
+    # LoRA (jaxllama/model/lora.py): rank 0 = none; targets are HF module names (q_proj ... down_proj)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, m) -> "Arch":
-        """From a resolved :class:`jaxllama.config.ModelConfig`; ``dtype: auto`` picks by backend."""
-        names = cls.__dataclass_fields__
+    def from_config(cls, m, lora=None) -> "Arch":
+        """From a resolved :class:`jaxllama.config.ModelConfig` (and a ``LoraConfig`` with rank > 0 for
+        adapters); ``dtype: auto`` picks by backend."""
+        names = [k for k in cls.__dataclass_fields__ if not k.startswith("lora_")]
         values = {k: getattr(m, k) for k in names}
+        if lora is not None and lora.rank:
+            values.update(lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                          lora_targets=tuple(lora.targets))
         if values["dtype"] == "auto":
             values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         values["attention"] = resolve_impl(values["attention"], values["dtype"])
@@ -135,9 +144,30 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        a = self.a
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(self.a.param_dtype))
-        return checkpoint_name(dense(x.astype(self.a.dtype), kernel.astype(self.a.dtype)), "dense")
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(a.param_dtype))
+        y = checkpoint_name(dense(x.astype(a.dtype), kernel.astype(a.dtype)), "dense")
+        if a.lora_rank and self.name in a.lora_targets:
+            y = y + self._lora(x)
+        return y
+
+    def _lora(self, x: jax.Array) -> jax.Array:
+        """The adapter's ``alpha / rank * dropout(x) A B``: A [in, rank] is sharded like the kernel's input
+        dimension, B [rank, out] like its output (so the adapter follows its base kernel under any rules).
+        A starts as PEFT's (uniform +-1/sqrt(in)), B at zero: the initial delta is exactly zero."""
+        a, d_in = self.a, x.shape[-1]
+        bound = 1.0 / math.sqrt(d_in)
+        lora_a = self.param("lora_a", nn.with_logical_partitioning(
+            lambda k, s, dt: jax.random.uniform(k, s, dt, -bound, bound), (self.axes[0], None)),
+            (d_in, a.lora_rank), jnp.dtype(a.param_dtype))
+        lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                            (a.lora_rank, self.features), jnp.dtype(a.param_dtype))
+        if a.lora_dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - a.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1 - a.lora_dropout), 0).astype(x.dtype)
+        h = jnp.dot(x.astype(a.dtype), lora_a.astype(a.dtype))
+        return (jnp.dot(h, lora_b.astype(a.dtype)) * (a.lora_alpha / a.lora_rank)).astype(a.dtype)
 
 
 class Attention(nn.Module):
@@ -278,7 +308,7 @@ class Llama(nn.Module):
         if a.remat != "none":
             block = nn.remat(Block, policy=_REMAT[a.remat], prevent_cse=not a.scan_layers)
         if a.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=a.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             self.layers = stack(a, self.layout)

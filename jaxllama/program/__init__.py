@@ -26,7 +26,8 @@ from jaxllama.parallel.mesh import MeshPlan, mesh_platform
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
 from jaxllama.program.optimizer import make_optimizer
-from jaxllama.program.step import TrainState, init_state, make_loss_fn, make_train_step, state_shardings
+from jaxllama.program.step import (TrainState, init_base, init_state, make_loss_fn, make_train_step,
+                                   state_shardings)
 
 # The activations the model constrains (and so the layout must split evenly), per token:
 # [batch, length, ...] plus these trailing dims. The KV cache uses the k/v names (CACHE_AXES).
@@ -90,9 +91,20 @@ class Program:
         (``layers_0`` ...) when ``arch.scan_layers`` is off. Params, their shardings or abstract ones."""
         return model_params(params, self.arch)
 
-    def init_state(self, seed: int | None = None) -> TrainState:
-        """Fresh parameters and optimizer state, created directly in their shards."""
-        return init_state(self.model, self.tx, self.state_shardings, self.cfg.train.seed if seed is None else seed)
+    @property
+    def params_shardings(self) -> Any:
+        """Shardings of the whole canonical parameter tree (a LoRA state's base and adapters together)."""
+        return self.state_shardings.model_tree()
+
+    def init_state(self, seed: int | None = None, frozen: Any = None) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shards (``frozen``: a LoRA
+        run's base weights, else created from the seed too)."""
+        return init_state(self.model, self.tx, self.state_shardings, self.cfg.train.seed if seed is None else seed,
+                          frozen)
+
+    def init_base(self) -> Any:
+        """A LoRA program's frozen base created from ``train.seed`` (when there is no ``train.init_from``)."""
+        return init_base(self.model, self.state_shardings, self.cfg.train.seed)
 
 
 def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | None = None,
@@ -104,7 +116,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     plan = MeshPlan.resolve(cfg.mesh, n)
     mesh = plan.abstract() if isinstance(devices, int) else plan.build(jax.devices() if devices is None else devices)
     layout = Layout(mesh, rules_from_config(cfg.mesh.rules))
-    arch = arch or Arch.from_config(cfg.model)
+    arch = arch or Arch.from_config(cfg.model, cfg.train.lora)
     platform = mesh_platform(mesh)
     if arch.attention == "cudnn" and platform not in (None, "gpu"):
         raise ConfigError(f"model.attention=cudnn needs a GPU (cuDNN flash attention), but this program runs on "
@@ -122,10 +134,11 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
-    abstract, shardings = state_shardings(boxed, tx, layout)
+    abstract, shardings = state_shardings(boxed, tx, layout, adapters_only=arch.lora_rank > 0)
     batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
     loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk, unroll_loss)
-    step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout)
+    step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout,
+                           dropout_seed=t.seed if arch.lora_dropout > 0 else None)
     train_step = jax.jit(step, in_shardings=(shardings, batch.shardings()),
                          out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
 
@@ -133,7 +146,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
         _, (nll, n_tokens) = loss_fn(params, batch)
         return nll, n_tokens
 
-    eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, batch.shardings()),
+    eval_step = jax.jit(eval_fn, in_shardings=(shardings.model_tree(), batch.shardings()),
                         out_shardings=(layout.replicated(), layout.replicated()))
     return Program(cfg, plan, layout, arch, model, tx, schedule, abstract, shardings, batch, loss_fn,
                    train_step, eval_step)

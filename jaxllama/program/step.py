@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxllama.model import lora
 from jaxllama.model.llama import Arch, Llama, head_kernel, model_params
 from jaxllama.parallel.sharding import Layout, opt_state_shardings
 
@@ -25,9 +26,17 @@ F32 = jnp.float32
 
 @struct.dataclass
 class TrainState:
+    """``params`` are what is trained (with ``opt_state`` for them); ``frozen`` is the rest of the model
+    (a LoRA run's base weights; None in full training). The model sees :meth:`model_tree`."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
+
+    def model_tree(self) -> Any:
+        """The whole canonical parameter tree: the frozen base with the trained leaves put in."""
+        return lora.merge(self.frozen, self.params)
 
 
 def loss_chunk_size(seq_len: int, vocab: int, requested: int = 0) -> int:
@@ -71,10 +80,12 @@ def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_
     ``params`` is the canonical tree (layers stacked) whether or not ``a.scan_layers``."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
 
-    def loss_fn(params, batch):
-        # the state holds the canonical (stacked) tree; an unrolled model takes its layers one by one
+    def loss_fn(params, batch, rng=None):
+        # the state holds the canonical (stacked) tree; an unrolled model takes its layers one by one.
+        # ``rng``: dropout (LoRA's), training only
         hidden = model.apply({"params": model_params(params, a)}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], method=Llama.hidden)
+                             batch["segment_ids"], method=Llama.hidden,
+                             rngs=None if rng is None else {"dropout": rng})
         nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
                                        chunk, a.dtype, unroll)
         return nll + z_loss * z, (nll, jnp.sum(batch["loss_mask"].astype(F32)))
@@ -83,34 +94,40 @@ def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int = 1, layout: Layout = Layout(None)) -> Callable:
+                    grad_accum: int = 1, layout: Layout = Layout(None), dropout_seed: int | None = None) -> Callable:
     """One optimizer step over a global batch, accumulating ``grad_accum`` micro-batches with scan.
+
+    Gradients are taken with respect to ``state.params`` only; ``state.frozen`` (a LoRA base) enters
+    the loss as a constant. ``dropout_seed`` (LoRA dropout): each step's and micro-batch's key is
+    derived from it and the step, so a resumed run draws the same masks.
 
     A non-finite loss or gradient leaves params and optimizer state unchanged (``finite`` = 0), so
     the optimizer's own step count is the number of updates applied; the logged ``lr`` is the
     schedule at that count, the rate this step applied (``state.step`` counts skipped steps too).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, frozen, b, rng: loss_fn(lora.merge(frozen, p), b, rng), has_aux=True)
 
-    def gradients(params, batch):
+    def gradients(params, frozen, batch, step):
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), step)
         if grad_accum == 1:
-            (_, (nll, n)), grads = grad_fn(params, batch)
+            (_, (nll, n)), grads = grad_fn(params, frozen, batch, key)
             return grads, nll, n
 
         def split(x):  # rows j, j+k, j+2k, ... form micro-batch j: every batch shard feeds each one
             x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
             return layout.constrain(x, (None, "activation_batch", "activation_length"))
 
-        def body(carry, micro):
-            (_, (nll, n)), g = grad_fn(params, micro)
+        def body(carry, xs):
+            j, micro = xs
+            (_, (nll, n)), g = grad_fn(params, frozen, micro, None if key is None else jax.random.fold_in(key, j))
             return jax.tree.map(jnp.add, carry, (g, nll, n)), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params), jnp.zeros((), F32), jnp.zeros((), F32))
-        (grads, nll, n), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+        (grads, nll, n), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), jax.tree.map(split, batch)))
         return grads, nll, n
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grads, nll, n = gradients(state.params, batch)
+        grads, nll, n = gradients(state.params, state.frozen, batch, state.step)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         loss = nll / denom
@@ -120,7 +137,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state))
+                               opt_state=keep(opt_state, state.opt_state), frozen=state.frozen)
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(schedule_count(state.opt_state, state.step)), tokens=n,
                        finite=finite.astype(jnp.int32))
         return new_state, metrics
@@ -150,35 +167,59 @@ def _init_model(model: Llama) -> Llama:
                                                                    dtype=a.param_dtype))
 
 
-def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout) -> tuple[TrainState, TrainState]:
+def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout,
+                    adapters_only: bool = False) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings) from boxed abstract params (``jaxllama.model.llama.abstract_params``):
-    parameters by their logical names, moments like their params."""
+    parameters by their logical names, moments like their params. ``adapters_only`` (LoRA): the
+    adapter leaves are the trained params, the rest is ``frozen``."""
     param_sh = layout.tree_shardings(boxed)
     params = nn.unbox(boxed)
+    frozen = frozen_sh = None
+    if adapters_only:
+        (params, frozen), (param_sh, frozen_sh) = lora.split(params), lora.split(param_sh)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(tx, opt, param_sh, layout.replicated())
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt)
-    return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt, frozen=frozen)
+    return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh, frozen=frozen_sh)
 
 
-def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
-    """Parameters and optimizer state created directly in their shards (jit with out_shardings)."""
-    leaves, tree = jax.tree.flatten(shardings.params)
-    params = _params_init(_init_model(model).a, tree, tuple(leaves))(jax.random.key(seed))
+def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainState, seed: int,
+               frozen: Any = None) -> TrainState:
+    """Parameters and optimizer state created directly in their shards (jit with out_shardings). In a
+    LoRA state the adapters are created from ``seed`` and the base is ``frozen`` when given (weights
+    from ``train.init_from``), else created from ``seed`` as a full run would."""
+    a = _init_model(model).a
+    params = _init_part(a, shardings.params, "adapters" if shardings.frozen is not None else "all", seed)
+    if shardings.frozen is not None and frozen is None:
+        frozen = _init_part(a, shardings.frozen, "base", seed)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                      opt_state=opt_state)
+                      opt_state=opt_state, frozen=frozen)
+
+
+def init_base(model: Llama, shardings: TrainState, seed: int) -> Any:
+    """A LoRA state's frozen base as ``init_state`` creates it from ``seed`` (the same values a full
+    run of that seed starts from)."""
+    return _init_part(_init_model(model).a, shardings.frozen, "base", seed)
+
+
+def _init_part(a: Arch, shardings: Any, part: str, seed: int) -> Any:
+    leaves, tree = jax.tree.flatten(shardings)
+    return _params_init(a, tree, tuple(leaves), part)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=16)
-def _params_init(a: Arch, tree: Any, leaves: tuple) -> Callable:
+def _params_init(a: Arch, tree: Any, leaves: tuple, part: str = "all") -> Callable:
     """The jitted parameter initializer for ``a`` placed per the shardings ``tree``/``leaves``, kept:
     its random draws (one threefry per parameter) take seconds to compile on CPU, and every program
     of the same shapes, dtype and shardings (another optimizer, schedule, remat, kernel, scan or
-    unrolled layers) creates its parameters with the same one."""
+    unrolled layers) creates its parameters with the same one. ``part``: all, or a LoRA tree's
+    adapters or base (the other part's draws are dead code XLA drops; each leaf's value is the same
+    as in the whole tree)."""
     model = Llama(a)
 
     def init(key):
-        return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        params = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return params if part == "all" else lora.split(params)[0 if part == "adapters" else 1]
 
     return jax.jit(init, out_shardings=jax.tree.unflatten(tree, leaves))

@@ -52,9 +52,24 @@ class Trainer:
     tx = property(lambda self: self.program.tx)
     state_shardings = property(lambda self: self.program.state_shardings)
 
+    @property
+    def lora(self) -> bool:
+        return self.program.state_shardings.frozen is not None
+
+    def base_weights(self, say: Callable[[str], None] = print) -> Any:
+        """A LoRA run's frozen base in its shards: ``train.init_from``'s weights, else from the seed."""
+        if not self.cfg.train.init_from:
+            return None  # init_state creates it from the seed
+        from jaxllama.train.init_from import initial_params
+
+        return initial_params(self.cfg, self.state_shardings.frozen, say)
+
     def initialize(self, say: Callable[[str], None] = print) -> None:
         """Fresh parameters (from ``train.seed``, or ``train.init_from``'s weights) and optimizer state, in
-        their shards."""
+        their shards. LoRA: fresh adapters (a zero delta) over the base weights."""
+        if self.lora:
+            self.state = self.program.init_state(frozen=self.base_weights(say))
+            return
         if not self.cfg.train.init_from:
             self.state = self.program.init_state()
             return
@@ -65,6 +80,15 @@ class Trainer:
         opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
         step = jax.device_put(np.zeros((), np.int32), sh.step)
         self.state = TrainState(step=step, params=params, opt_state=opt_state)
+
+    def attach_base(self, say: Callable[[str], None] = print) -> None:
+        """After a LoRA resume (checkpoints hold the adapters and their optimizer state only): the base."""
+        if not self.lora:
+            return
+        frozen = self.base_weights(say)
+        if frozen is None:
+            frozen = self.program.init_base()
+        self.state = self.state.replace(frozen=frozen)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return self.program.batch.to_global(local)
@@ -174,6 +198,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     start = 0
     if restored is not None:
         start, trainer.state, data_state = restored
+        trainer.attach_base(say)
         source.restore(data_state)
         say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
         if changed:
@@ -221,7 +246,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
                 if ckpts and ckpts.due(done, final):
                     log.note({"checkpoint_block_s": ckpts.save(done, trainer.state, cfg, source.state())})
                 if evaluator and evaluator.due(done):
-                    result = evaluator(trainer.state.params)
+                    result = evaluator(trainer.state.model_tree())
                     log.note(result, paused_s=result["eval_time_s"])  # throughput counts training time only
                 if log.due(done, final):
                     log.flush(done)

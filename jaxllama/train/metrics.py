@@ -212,6 +212,9 @@ class MetricsLog:
             skipped_nonfinite=self.skipped)
         if self.source.efficiency is not None:
             record["packing_efficiency"] = self.source.efficiency
+        encoder = getattr(self.source, "encoder", None)
+        if encoder is not None and (encoder.truncated or encoder.dropped):
+            record["data_truncated"], record["data_dropped"] = encoder.truncated, encoder.dropped
         bad = self.source.bad
         if bad is not None and bad.count:  # data.skip_bad_records
             if bad.count > self.skipped_records:

@@ -152,6 +152,8 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input, training only
     targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    quantize: str = "none"  # QLoRA: the frozen base's block projections in int8 (per channel) or int4 (grouped)
+    group_size: int = 128  # int4: input rows per scale
 
 
 @dataclass
@@ -473,8 +475,13 @@ def _validate_lora(lora: LoraConfig) -> None:
     if lora.rank < 0:
         raise ConfigError(f"train.lora.rank: must be >= 0 (0: no adapters), got {lora.rank}")
     if not lora.rank:
+        if lora.quantize != "none":
+            raise ConfigError(f"train.lora.quantize={lora.quantize}: a quantized base is frozen, so it needs LoRA "
+                              "adapters to train (set train.lora.rank)")
         return
     _positive("train.lora.alpha", lora.alpha)
+    _choice("train.lora.quantize", lora.quantize, ("none", "int8", "int4"))
+    _positive("train.lora.group_size", lora.group_size)
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"train.lora.dropout: must be in [0, 1), got {lora.dropout}")
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets

@@ -197,3 +197,34 @@ def test_bad_inputs_are_one_line_errors(base, tuned, tmp_path):
                 str(d / "hf"), "--prompt", "hi", "--max-new-tokens", "2")
     assert r.returncode == 2 and "the q_proj adapter is [64 x 4]" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("mode, group", [("int8", 0), ("int4", 32)])
+def test_qlora_base_is_quantized_frozen_and_close(base, mode, group):
+    from jaxllama.data.sources import make_source
+    from jaxllama.model.quant import dequantize
+
+    d, params, _ = base
+    extra = [f"train.lora.quantize={mode}"] + ([f"train.lora.group_size={group}"] if group else [])
+    plain, qlora = Trainer.build(lora_cfg(d), init=False), Trainer.build(lora_cfg(d, *extra), init=False)
+    plain.initialize(say=lambda _: None)
+    qlora.initialize(say=lambda _: None)
+    node = qlora.state.frozen["layers"]["mlp"]["up_proj"]
+    assert set(node) == {"kernel_q", "kernel_scale"} and node["kernel_q"].dtype == jnp.dtype(mode)
+    w = params["layers"]["mlp"]["up_proj"]["kernel"]
+    deq = np.asarray(dequantize(node["kernel_q"], node["kernel_scale"], mode))
+    scale = np.asarray(node["kernel_scale"])
+    per_elem = scale[:, None, :] if mode == "int8" else np.repeat(scale, group, axis=1)
+    assert np.all(np.abs(deq - w) <= per_elem / 2 + 1e-6)  # round to nearest: at most half a step
+    assert "kernel" not in node and qlora.state.frozen["embed_tokens"]["embedding"].dtype == jnp.float32
+    src = make_source(lora_cfg(d))
+    batch = plain.global_batch(next(src))
+    src.close()
+    exact = float(plain.program.eval_step(plain.state.model_tree(), batch)[0])
+    approx = float(qlora.program.eval_step(qlora.state.model_tree(), batch)[0])
+    assert approx == pytest.approx(exact, rel=2e-2 if mode == "int4" else 2e-3) and approx != exact
+    before = jax.tree.map(np.asarray, qlora.state.frozen)
+    losses = [float(qlora.step(batch)["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    after = jax.tree.map(np.asarray, qlora.state.frozen)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))

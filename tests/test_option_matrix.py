@@ -25,6 +25,7 @@ import pytest
 
 from jaxllama.checkpoint import save_params
 from jaxllama.config import Config, load_config
+from jaxllama.model import lora
 from jaxllama.program import build_program
 from jaxllama.train.loop import train
 
@@ -48,7 +49,10 @@ FACTORS: dict[str, list[str]] = {
     "model.param_dtype": ["float32", "bfloat16"],
     "model.tie_embeddings": ["false", "true"],
     "data.packing": ["pack", "concat"],
+    "train.lora.rank": ["0", "4"],  # 4: LoRA adapters (LORA_OPTIONS ride along) over a frozen base
 }
+# The other LoRA fields, set on every row with adapters (they mean nothing without them).
+LORA_OPTIONS = ["train.lora.alpha=8", "train.lora.dropout=0.1", "train.lora.targets=[q_proj, v_proj, down_proj]"]
 # Factors that must not change a float32 loss (beyond float error): runs differing only in these agree.
 INVARIANT = ("model.scan_layers", "model.remat", "train.grad_accum", "model.attention", "mesh")
 REFERENCE = {k: v[0] for k, v in FACTORS.items()}
@@ -103,6 +107,8 @@ def overrides(row: dict[str, str]) -> list[str]:
             sizes = dict(kv.split("=") for kv in value.split(","))
             sizes.setdefault("fsdp", "-1")
             out += [f"mesh.{k}={v}" for k, v in sizes.items()]
+        elif key == "train.lora.rank" and value != "0":
+            out += [f"{key}={value}", *LORA_OPTIONS]
         else:
             out.append(f"{key}={value}")
     return out
@@ -113,8 +119,9 @@ def overrides(row: dict[str, str]) -> list[str]:
 
 
 def _init_from(cfg: Config, tmp: Path) -> list[str]:
-    """Weights to start from, of this row's shape (another seed's, written as a jaxllama params dir)."""
-    save_params(str(tmp / "init"), build_program(cfg).init_state(seed=5).params, cfg.model)
+    """Weights to start from, of this row's shape (another seed's, written as a jaxllama params dir; a
+    LoRA row's base)."""
+    save_params(str(tmp / "init"), lora.split(build_program(cfg).init_state(seed=5).model_tree())[1], cfg.model)
     return [f"train.init_from={tmp / 'init'}"]
 
 
@@ -251,7 +258,7 @@ def test_rows_cover_every_pair_of_factor_values():
     for a, b in itertools.combinations(names, 2):
         for x, y in itertools.product(FACTORS[a], FACTORS[b]):
             assert any(r[a] == x and r[b] == y for r in ROWS), (a, x, b, y)
-    assert len(ROWS) <= 12  # small enough for CI
+    assert len(ROWS) <= 13  # small enough for CI
     for row in AGREE:  # the comparison runs are float32 and differ from the reference only where they must agree
         assert {k for k, v in row.items() if v != REFERENCE[k]} <= set(INVARIANT)
         assert row["model.dtype"] == row["model.param_dtype"] == "float32"
@@ -275,6 +282,10 @@ def _fields() -> dict[str, dict[str, object]]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+            for g in dataclasses.fields(value):  # a nested section: train.lora
+                sub = getattr(value, g.name)
+                if dataclasses.is_dataclass(sub):
+                    out[f"{f.name}.{g.name}"] = {h.name: getattr(sub, h.name) for h in dataclasses.fields(sub)}
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllama.model import quant
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
 from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout, boxed_shapes
 
@@ -75,6 +76,8 @@ class Arch:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    lora_quantize: str = "none"  # QLoRA base: none | int8 | int4 (jaxllama/model/quant.py)
+    lora_group: int = 128
 
     @classmethod
     def from_config(cls, m, lora=None) -> "Arch":
@@ -84,7 +87,8 @@ class Arch:
         values = {k: getattr(m, k) for k in names}
         if lora is not None and lora.rank:
             values.update(lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                          lora_targets=tuple(lora.targets))
+                          lora_targets=tuple(lora.targets), lora_quantize=getattr(lora, "quantize", "none"),
+                          lora_group=getattr(lora, "group_size", 128))
         if values["dtype"] == "auto":
             values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         values["attention"] = resolve_impl(values["attention"], values["dtype"])
@@ -145,12 +149,27 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.a
-        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(a.param_dtype))
-        y = checkpoint_name(dense(x.astype(a.dtype), kernel.astype(a.dtype)), "dense")
+        if a.lora_quantize != "none" and self.name in quant.BLOCK_LINEARS:
+            y = self._quantized(x)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(a.param_dtype))
+            y = checkpoint_name(dense(x.astype(a.dtype), kernel.astype(a.dtype)), "dense")
         if a.lora_rank and self.name in a.lora_targets:
             y = y + self._lora(x)
         return y
+
+    def _quantized(self, x: jax.Array) -> jax.Array:
+        """A QLoRA base kernel: int8/int4 values and float32 scales (:mod:`jaxllama.model.quant`), frozen.
+        Their values always come from quantizing float weights (``quant.quantize_tree``), never from init."""
+        a, d_in, mode = self.a, x.shape[-1], self.a.lora_quantize
+        q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
+                       (d_in, self.features), quant.QDTYPE[mode])
+        scale_shape, scale_axes = ((self.features,), (self.axes[1],)) if mode == "int8" else \
+            ((d_in // a.lora_group, self.features), (None, self.axes[1]))
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
+                           scale_shape, jnp.float32)
+        return checkpoint_name(quant.dequantized_matmul(x, q, scale, mode, a.dtype), "dense")
 
     def _lora(self, x: jax.Array) -> jax.Array:
         """The adapter's ``alpha / rank * dropout(x) A B``: A [in, rank] is sharded like the kernel's input

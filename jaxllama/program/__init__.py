@@ -131,6 +131,11 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else "")
                          + f"; set data.global_batch to a multiple of {need} (e.g. data.global_batch={need})",
                          "data.global_batch", d.global_batch, axes, rows)
+    if arch.lora_quantize == "int4":
+        from jaxllama.model.quant import check_group
+
+        for d_in in {arch.dim, arch.n_heads * arch.head_dim, arch.ffn_dim}:
+            check_group(d_in, arch.lora_group, "train.lora.group_size")
     boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxllama.model import lora
+from jaxllama.model import lora, quant
 from jaxllama.model.llama import Arch, Llama, head_kernel, model_params
 from jaxllama.parallel.sharding import Layout, opt_state_shardings
 
@@ -197,6 +197,16 @@ def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainS
                       opt_state=opt_state, frozen=frozen)
 
 
+def quantize_base(a: Arch, float_base: Any, shardings: Any) -> Any:
+    """A QLoRA run's float base weights -> its frozen int8/int4 tree, placed per ``shardings`` (the float
+    copy is donated). Without quantization the base is returned as it is."""
+    if a.lora_quantize == "none":
+        return float_base
+    fn = jax.jit(lambda t: quant.quantize_tree(t, a.lora_quantize, a.lora_group), out_shardings=shardings,
+                 donate_argnums=0)
+    return fn(float_base)
+
+
 def init_base(model: Llama, shardings: TrainState, seed: int) -> Any:
     """A LoRA state's frozen base as ``init_state`` creates it from ``seed`` (the same values a full
     run of that seed starts from)."""
@@ -216,10 +226,15 @@ def _params_init(a: Arch, tree: Any, leaves: tuple, part: str = "all") -> Callab
     unrolled layers) creates its parameters with the same one. ``part``: all, or a LoRA tree's
     adapters or base (the other part's draws are dead code XLA drops; each leaf's value is the same
     as in the whole tree)."""
-    model = Llama(a)
+    model = Llama(dataclasses.replace(a, lora_quantize="none"))  # a QLoRA base is made from float weights
 
     def init(key):
         params = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-        return params if part == "all" else lora.split(params)[0 if part == "adapters" else 1]
+        if part == "all":
+            return params
+        adapters, base = lora.split(params)
+        if part == "adapters":
+            return adapters
+        return base if a.lora_quantize == "none" else quant.quantize_tree(base, a.lora_quantize, a.lora_group)
 
     return jax.jit(init, out_shardings=jax.tree.unflatten(tree, leaves))

@@ -60,9 +60,12 @@ class Trainer:
         """A LoRA run's frozen base in its shards: ``train.init_from``'s weights, else from the seed."""
         if not self.cfg.train.init_from:
             return None  # init_state creates it from the seed
+        from jaxllama.model import quant
+        from jaxllama.program.step import quantize_base
         from jaxllama.train.init_from import initial_params
 
-        return initial_params(self.cfg, self.state_shardings.frozen, say)
+        frozen = self.state_shardings.frozen  # QLoRA: read float weights, then quantize them in their shards
+        return quantize_base(self.arch, initial_params(self.cfg, quant.float_shardings(frozen), say), frozen)
 
     def initialize(self, say: Callable[[str], None] = print) -> None:
         """Fresh parameters (from ``train.seed``, or ``train.init_from``'s weights) and optimizer state, in

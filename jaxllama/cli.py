@@ -104,9 +104,9 @@ def cmd_compile_check(args) -> int:
 
 
 def _load(args):
-    from jaxllama.config import load_config
+    from jaxllama.train.init_from import load_train_config
 
-    return load_config(args.config, args.overrides)
+    return load_train_config(args.config, args.overrides)  # fine-tuning: shapes/tokenizer from train.init_from
 
 
 def cmd_train(args) -> int:

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import jax
 
-from jaxllama.config import Config, load_config
+from jaxllama.config import Config
+from jaxllama.train.init_from import load_train_config
 from jaxllama.errors import ConfigError, JaxllamaError, RunError
 from jaxllama.model.llama import Arch
 from jaxllama.parallel.chips import TpuTarget, check_libtpu, target_devices
@@ -265,14 +266,14 @@ def compile_check(config: str | None, overrides: list[str], devices: int | None 
     """
     if (devices is None) == (target is None):
         raise ConfigError("compile-check: give --target TPU_SLICE (e.g. v5p-64) or --devices N (simulated CPU)")
-    cfg = load_config(config, overrides)
+    cfg = load_train_config(config, overrides)
     tpu = None
     if target is not None:
         tpu = TpuTarget.parse(target)
         if slices < 1:
             raise ConfigError(f"--slices: must be >= 1, got {slices}")
         overrides = with_slices(overrides, cfg, slices)
-        cfg = load_config(config, overrides)
+        cfg = load_train_config(config, overrides)
         devices = tpu.chips * slices
     elif slices != 1:
         raise ConfigError("--slices: only with --target (a multi-slice TPU pod)")
@@ -337,7 +338,7 @@ def _child(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_train_config(args.config, args.overrides)
         generate = parse_generate(args.generate) if args.generate else None
         if args.target:
             tpu = TpuTarget.parse(args.target)

@@ -204,12 +204,16 @@ class Config:
 # Loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, then preset resolution and validation."""
-    return config_from_dict({} if path is None else _read_yaml(Path(path)), overrides)
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                checkpoint_model: Any = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then preset resolution and validation.
+    ``checkpoint_model`` (``path -> ModelConfig``): with ``train.init_from`` and no ``model.preset``, the
+    architecture is read from the checkpoint through it (:func:`jaxllama.train.init_from.load_train_config`
+    passes the converters' reader; this module imports none of them)."""
+    return config_from_dict({} if path is None else _read_yaml(Path(path)), overrides, checkpoint_model)
 
 
-def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (), checkpoint_model: Any = None) -> Config:
     """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated."""
     cfg = Config()
     _apply_tree(cfg, tree, prefix="")
@@ -220,8 +224,8 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         _set(cfg, key.strip(), _parse_scalar(raw))
         preset_given = preset_given or key.strip() == "model.preset"
-    if cfg.train.init_from and not preset_given:
-        _model_from_checkpoint(cfg)
+    if cfg.train.init_from and not preset_given and checkpoint_model is not None:
+        _model_from_checkpoint(cfg, checkpoint_model)
     resolve_model(cfg.model)
     validate(cfg)
     if cfg.train.init_from and "://" not in cfg.train.init_from:  # a run's saved config works from anywhere
@@ -229,15 +233,13 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     return cfg
 
 
-def _model_from_checkpoint(cfg: Config) -> None:
+def _model_from_checkpoint(cfg: Config, read: Any) -> None:
     """Fine-tuning without a preset: the architecture of ``train.init_from`` (fields set explicitly win)."""
     path = cfg.train.init_from
     if "://" not in path and not Path(path).expanduser().exists():
         raise ConfigError(f"train.init_from: {path}: no such file or folder")
-    from jaxllama.convert.api import checkpoint_model_config
-
     try:
-        stored = checkpoint_model_config(path)
+        stored = read(path)
     except ConfigError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     m = cfg.model

@@ -16,7 +16,7 @@ from jaxllama.data.chat_data import BadRecord, ChatEncoder, encode_line, token_m
 from jaxllama.data.packing import Packer
 from jaxllama.data.tokenizers import load_tokenizer
 from jaxllama.errors import ConfigError
-from jaxllama.infer.chat import Rendered
+from jaxllama.data.chat_format import Rendered
 
 # Llama 3's layout with {% generation %} tags around what the assistant produces (content + <|eot_id|>).
 GEN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

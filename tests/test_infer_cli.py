@@ -24,7 +24,7 @@ from jaxllama.convert.hf import write_hf
 from jaxllama.data.sources import make_source
 from jaxllama.data.tokenizers import load_tokenizer
 from jaxllama.errors import ConfigError
-from jaxllama.infer.chat import chat_prompt, llama2_prompt, llama3_prompt, messages_for, render_jinja
+from jaxllama.data.chat_format import chat_prompt, llama2_prompt, llama3_prompt, messages_for, render_jinja
 from jaxllama.infer.sampling import Sampling
 from jaxllama.model.llama import Arch, Llama
 

@@ -23,6 +23,7 @@ from jaxllama.convert.hf import write_hf
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.model.lora import merge
+from jaxllama.train.init_from import load_train_config
 from jaxllama.train.loop import Trainer, train
 
 torch = pytest.importorskip("torch")
@@ -43,7 +44,7 @@ def base(tmp_path_factory, hf_dir):
 
 
 def lora_cfg(d, *extra):
-    return load_config(None, [f"train.init_from={d / 'hf'}", f"data.source={d / 'chat.jsonl'}", "data.format=chat",
+    return load_train_config(None, [f"train.init_from={d / 'hf'}", f"data.source={d / 'chat.jsonl'}", "data.format=chat",
                               "data.seq_len=32", "data.global_batch=8", "train.lora.rank=4", "train.lora.alpha=8",
                               "optim.lr=1e-2", "optim.warmup_steps=0", *QUIET, *extra])
 
@@ -228,3 +229,55 @@ def test_qlora_base_is_quantized_frozen_and_close(base, mode, group):
     assert losses[-1] < losses[0]
     after = jax.tree.map(np.asarray, qlora.state.frozen)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_adapter_gradients_equal_peft(base, tuned):
+    """The gradient of the masked mean loss with respect to every adapter matrix equals PEFT's on the
+    same weights and batch (A and B both, with B trained away from zero)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxllama.convert import convert as to_peft
+    from jaxllama.model.lora import split
+
+    d, params, m = base
+    peft_dir = d / "grad-peft"
+    if not peft_dir.exists():
+        to_peft(str(tuned), str(peft_dir), "peft")
+    adapter = read_adapter(tuned)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 1000, (2, 24))
+    targets = np.roll(tokens, -1, axis=1)
+    mask = (rng.random((2, 24)) < 0.6).astype(np.float32)
+    mask[:, -1] = 0
+    a = Arch.from_config(m, adapter.lora_config())
+    tree = merge(jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, adapter.tree()))
+    ad, frozen = split(tree)
+
+    def loss(ad):
+        logits = Llama(a).apply({"params": merge(frozen, ad)}, jnp.asarray(tokens))
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(lp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * mask) / mask.sum()
+
+    ours = jax.grad(loss)(ad)
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(hf, str(peft_dir), is_trainable=True)
+    logits = model(torch.tensor(tokens)).logits
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1),
+                                            reduction="none")
+    (nll * torch.tensor(mask).reshape(-1)).sum().div(mask.sum()).backward()
+    grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.requires_grad}
+    from jaxllama.convert.adapters import MODULES
+
+    for module, path in MODULES.items():
+        if module not in adapter.tensors:
+            continue
+        group, name = path.split("/")
+        for i in range(m.n_layers):
+            hf_path = f"base_model.model.model.layers.{i}.{group.replace('self_attn', 'self_attn')}.{name}"
+            ga = grads[f"{hf_path}.lora_A.default.weight"].T
+            gb = grads[f"{hf_path}.lora_B.default.weight"].T
+            np.testing.assert_allclose(np.asarray(ours["layers"][group][name]["lora_a"][i]), ga, rtol=2e-3, atol=2e-6)
+            np.testing.assert_allclose(np.asarray(ours["layers"][group][name]["lora_b"][i]), gb, rtol=2e-3, atol=2e-6)
+            assert np.abs(ga).max() > 0 and np.abs(gb).max() > 0

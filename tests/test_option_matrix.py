@@ -51,8 +51,11 @@ FACTORS: dict[str, list[str]] = {
     "data.packing": ["pack", "concat"],
     "train.lora.rank": ["0", "4"],  # 4: LoRA adapters (LORA_OPTIONS ride along) over a frozen base
 }
-# The other LoRA fields, set on every row with adapters (they mean nothing without them).
+# The other LoRA fields, set on every row with adapters (they mean nothing without them); QLoRA rides
+# along by the row's compute dtype: an int8 base on float32 rows, int4 (groups of 32) on bfloat16 rows.
 LORA_OPTIONS = ["train.lora.alpha=8", "train.lora.dropout=0.1", "train.lora.targets=[q_proj, v_proj, down_proj]"]
+QLORA_BY_DTYPE = {"float32": ["train.lora.quantize=int8"],
+                  "bfloat16": ["train.lora.quantize=int4", "train.lora.group_size=32"], "float16": []}
 # Factors that must not change a float32 loss (beyond float error): runs differing only in these agree.
 INVARIANT = ("model.scan_layers", "model.remat", "train.grad_accum", "model.attention", "mesh")
 REFERENCE = {k: v[0] for k, v in FACTORS.items()}
@@ -108,7 +111,7 @@ def overrides(row: dict[str, str]) -> list[str]:
             sizes.setdefault("fsdp", "-1")
             out += [f"mesh.{k}={v}" for k, v in sizes.items()]
         elif key == "train.lora.rank" and value != "0":
-            out += [f"{key}={value}", *LORA_OPTIONS]
+            out += [f"{key}={value}", *LORA_OPTIONS, *QLORA_BY_DTYPE[row["model.dtype"]]]
         else:
             out.append(f"{key}={value}")
     return out

@@ -214,45 +214,29 @@ def write_peft(adapter: Adapter, dst: str | Path) -> Path:
 
 
 def base_source(adapter: Adapter, base: str | None, dtype: Any = None) -> Source:
-    """The base model's source: ``base`` (``--base``), else the adapter's recorded base; a run trained
-    without ``train.init_from`` has its seed's weights as base, rebuilt here."""
+    """The base model's source: ``base`` (``--base``), else the adapter's recorded base."""
     from jaxllama.convert.api import open_source
-    from jaxllama.convert.common import ParamsSource
 
     path = base or adapter.base
-    if path is not None:
-        return open_source(path, dtype)
-    if adapter.run_cfg is None:
-        raise ConfigError(f"{adapter.path}: the adapter does not name a local base model; pass --base PATH")
-    return ParamsSource(seed_base(adapter.run_cfg), adapter.run_cfg.model, dtype=dtype)
+    if path is None:
+        raise ConfigError(_no_base(adapter, "pass --base PATH"))
+    return open_source(path, dtype)
+
+
+def _no_base(adapter: Adapter, advice: str) -> str:
+    if adapter.run_cfg is not None:  # trained with no train.init_from: over its seed's random weights
+        return (f"{adapter.path}: this LoRA run trained over randomly initialized weights (no train.init_from), "
+                f"which are not saved; {advice} to use the adapter over a real base")
+    return f"{adapter.path}: the adapter does not name a local base model; {advice}"
 
 
 def load_base(adapter: Adapter) -> Any:
     """The adapter's base as a :class:`jaxllama.convert.api.LoadedModel` (no adapter folded in)."""
-    from jaxllama.convert.api import LoadedModel, load_model
+    from jaxllama.convert.api import load_model
 
-    if adapter.base is not None:
-        return load_model(adapter.base)
-    if adapter.run_cfg is None:
-        raise ConfigError(f"{adapter.path}: the adapter does not name a local base model; pass it as MODEL with "
-                          f"--lora {adapter.path}")
-    tok = str(adapter.tokenizer_dir) if adapter.tokenizer_dir is not None else None
-    return LoadedModel(seed_base(adapter.run_cfg), adapter.run_cfg.model, tok, None, format="jaxllama")
-
-
-def seed_base(cfg: Any) -> dict:
-    """The frozen base a LoRA run without ``train.init_from`` trained over: its seed's initial weights."""
-    import dataclasses
-
-    import jax
-
-    from jaxllama.program import build_program
-
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1, dcn_data=1,
-                                                            dcn_fsdp=1, dcn_tensor=1),
-                              data=dataclasses.replace(cfg.data, global_batch=cfg.train.grad_accum))
-    program = build_program(cfg, jax.devices()[:1])
-    return jax.tree.map(np.asarray, program.init_base())
+    if adapter.base is None:
+        raise ConfigError(_no_base(adapter, f"give the base as MODEL with --lora {adapter.path}"))
+    return load_model(adapter.base)
 
 
 def open_merged(path: str | Path, base: str | None = None, dtype: Any = None) -> "MergedSource":

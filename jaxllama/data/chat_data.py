@@ -5,7 +5,7 @@
 (or ``"response"``); two strings are joined as plain text (BOS, prompt, completion, EOS: TRL's
 "standard" format), message lists (or a string beside a list) go through the chat format.
 
-A conversation is rendered by :mod:`jaxllama.infer.chat` (the tokenizer's Jinja template, or the
+A conversation is rendered by :mod:`jaxllama.data.chat_format` (the tokenizer's Jinja template, or the
 Llama 3 / Llama 2 format, ``data.chat_template``) together with the character spans of its assistant
 turns; the whole text is tokenized once with character offsets, and a token is trained when it
 covers a character of a trained span (what transformers' ``return_assistant_tokens_mask`` computes).
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxllama.errors import ConfigError
-from jaxllama.infer.chat import ROLES, Rendered, render_chat, resolve_format
+from jaxllama.data.chat_format import ROLES, Rendered, render_chat, resolve_format
 
 CHAT_FORMATS = ("chat", "prompt_completion")
 LOSS_ON = ("assistant", "last_assistant", "all")

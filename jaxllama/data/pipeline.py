@@ -156,7 +156,7 @@ class TextSource:
         """One line for the run's log: where documents come from, the tokenizer, the packing."""
         chat = ""
         if self.encoder is not None:
-            from jaxllama.infer.chat import resolve_format
+            from jaxllama.data.chat_format import resolve_format
 
             fmt = resolve_format(self.tok, self.d.chat_template, key="data.chat_template")[0]
             chat = (f"{self.d.format} records in the {fmt} chat format, loss on {self.d.loss_on} tokens, "

@@ -93,12 +93,6 @@ def open_tokenizer(cfg: Config, kind: str = "stdlib"):
     d, vocab = cfg.data, cfg.model.vocab_size
     if d.tokenizer:
         path = d.tokenizer
-    elif cfg.train.init_from and kind != "stdlib":  # fine-tuning: the checkpoint's own tokenizer (and template)
-        from jaxllama.convert.api import checkpoint_tokenizer
-
-        path = checkpoint_tokenizer(cfg.train.init_from)
-        if path is None:
-            raise ConfigError(f"data.tokenizer: required: train.init_from {cfg.train.init_from} carries no tokenizer")
     elif kind == "stdlib":
         path = cached_stdlib_tokenizer(min(vocab, STDLIB_MAX_VOCAB))
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxllama.errors import ConfigError
-from jaxllama.infer.chat import auto_format, chat_prompt, messages_for
+from jaxllama.data.chat_format import auto_format, chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
 from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
 from jaxllama.infer.sampling import Sampling

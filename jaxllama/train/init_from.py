@@ -25,6 +25,22 @@ FUNCTION_FIELDS = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_fact
                    "rope_original_max_position", "norm_eps")
 
 
+def load_train_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """:func:`jaxllama.config.load_config` for fine-tuning (what ``train``, ``info`` and ``compile-check``
+    use): with ``train.init_from`` and no ``model.preset`` the architecture comes from the checkpoint, and
+    without ``data.tokenizer`` (and a file source) its tokenizer folder does too (with its chat template)."""
+    from jaxllama.config import load_config
+    from jaxllama.convert.api import checkpoint_model_config, checkpoint_tokenizer
+
+    cfg = load_config(path, overrides, checkpoint_model=checkpoint_model_config)
+    if cfg.train.init_from and not cfg.data.tokenizer and cfg.data.source not in ("stdlib", "synthetic"):
+        tok = checkpoint_tokenizer(cfg.train.init_from)
+        if tok is None:
+            raise ConfigError(f"data.tokenizer: required: train.init_from {cfg.train.init_from} carries no tokenizer")
+        cfg.data.tokenizer = tok
+    return cfg
+
+
 def compare_models(stored: ModelConfig, cfg: ModelConfig, where: str, say: Callable[[str], None]) -> None:
     """Shape differences are an error naming every field; other architecture differences are reported."""
     def diff(fields):

@@ -2,7 +2,7 @@
 
 1. A base model: the CPU demo (`jaxllama train`, tiny preset on the stdlib corpus) for --base-steps.
 2. A synthetic chat task: N made-up towns, each with a made-up founder ("Who founded the town of
-   Marrowby?" -> "Ilse Quade."), four training phrasings per fact, two held-out phrasings.
+   Marrowby?" -> "Ilse Quade."), eight training phrasings per fact, two held-out phrasings.
 3. `jaxllama train train.init_from=BASE data.source=facts.jsonl data.format=chat train.lora.rank=R`
    (no preset, no tokenizer: both come from the base run).
 4. Greedy `jaxllama generate RUN --chat` on the held-out questions, before (the base) and after:
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 TRAIN_PHRASINGS = ["Who founded the town of {t}?", "Which person founded {t}?", "Tell me who founded {t}.",
-                   "{t} was founded by whom?"]
+                   "{t} was founded by whom?", "Who is the founder of {t}?", "Do you know who founded {t}?",
+                   "Who started the town of {t}?", "The town of {t}: who founded it?"]
 HELD_OUT = ["Name the founder of {t}.", "Who was the founder of the town {t}?"]
 SYLLABLES = ["mar", "row", "by", "quade", "il", "se", "tor", "ven", "ash", "lo", "kel", "dun", "fen", "wick", "ost",
              "ra", "bel", "mir", "hal", "gor", "pen", "sul", "tha", "vin", "yor", "zel", "cra", "dor", "e", "nu"]
@@ -97,7 +98,7 @@ def main() -> None:
                                                  {"role": "assistant", "content": f"{founder}."}]}) + "\n")
     held = [(p.format(t=town), founder) for town, founder in table for p in HELD_OUT]
     before, _ = accuracy(str(base), held, work, "base", log)
-    run = work / f"lora-r{args.rank}"
+    run = work / f"lora-r{args.rank}-s{args.steps}-p{len(TRAIN_PHRASINGS)}"
     cmd = ["train", f"train.init_from={base}", f"data.source={work / 'facts.jsonl'}", "data.format=chat",
            f"train.lora.rank={args.rank}", f"train.lora.alpha={2 * args.rank}", f"train.steps={args.steps}",
            f"optim.lr={args.lr}", "optim.weight_decay=0", "data.seq_len=64", "data.global_batch=16",

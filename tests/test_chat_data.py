@@ -259,3 +259,41 @@ def test_data_inspect_cli_shows_the_mask(tiktoken_path, tmp_path):
                           "model.vocab_size=1024", "data.loss_on=nothing"], capture_output=True, text=True,
                          env=ENV, timeout=120)
     assert bad.returncode == 2 and "data.loss_on" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_packing_does_not_change_a_documents_masked_loss_under_the_model(tiktoken_path):
+    """With the real decoder: each conversation's masked NLL alone equals its share of a packed row
+    (segment ids keep attention inside a document, positions restart)."""
+    import jax
+    import jax.numpy as jnp
+
+    from helpers import random_params
+    from jaxllama.model.llama import Arch, Llama
+
+    tok = load_tokenizer(tiktoken_path)
+    enc = ChatEncoder(tok, "chat", template="llama3")
+    docs = [enc({"messages": c}) for c in CONVERSATIONS]
+    cfg = load_config(None, ["model.preset=debug", "model.vocab_size=1024", "data.seq_len=128"])
+    a = Arch.from_config(cfg.model)
+    model, params = Llama(a), jax.tree.map(jnp.asarray, random_params(a, seed=2))
+
+    def nll(batch):
+        logits = model.apply({"params": params}, jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
+                             jnp.asarray(batch["segment_ids"]))
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        picked = -jnp.take_along_axis(lp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
+        return float(jnp.sum(picked * batch["loss_mask"]))
+
+    alone = 0.0
+    for ids, mask in docs:
+        p = Packer(128, "pack", tok.pad_id)
+        p.add(ids, mask)
+        p.flush()
+        alone += nll(p.pop(1))
+    packer = Packer(128, "pack", tok.pad_id)
+    for ids, mask in docs:
+        packer.add(ids, mask)
+    packer.flush()
+    packed = packer.pop(len(packer.ready))
+    assert packed["tokens"].shape[0] < len(docs)  # several documents share a row
+    assert nll(packed) == pytest.approx(alone, rel=1e-5)

@@ -62,7 +62,7 @@ def test_shapes_and_tokenizer_come_from_the_checkpoint(base):
 def test_zero_delta_only_adapters_train_and_sharding(base):
     d, params, _ = base
     cfg = lora_cfg(d, "mesh.fsdp=4", "mesh.tensor=2")
-    full = Trainer.build(load_config(None, [f"train.init_from={d / 'hf'}", "data.source=synthetic", "data.seq_len=32",
+    full = Trainer.build(load_train_config(None, [f"train.init_from={d / 'hf'}", "data.source=synthetic", "data.seq_len=32",
                                             "data.global_batch=8", "mesh.fsdp=4", "mesh.tensor=2", *QUIET]), init=False)
     full.initialize(say=lambda _: None)
     t = Trainer.build(cfg, init=False)
@@ -211,7 +211,9 @@ def test_qlora_base_is_quantized_frozen_and_close(base, mode, group):
     plain.initialize(say=lambda _: None)
     qlora.initialize(say=lambda _: None)
     node = qlora.state.frozen["layers"]["mlp"]["up_proj"]
-    assert set(node) == {"kernel_q", "kernel_scale"} and node["kernel_q"].dtype == jnp.dtype(mode)
+    assert set(node) == {"kernel_q", "kernel_scale"} and node["kernel_q"].dtype == jnp.int8
+    levels = np.asarray(node["kernel_q"])
+    assert levels.min() >= (-127 if mode == "int8" else -8) and levels.max() <= (127 if mode == "int8" else 7)
     w = params["layers"]["mlp"]["up_proj"]["kernel"]
     deq = np.asarray(dequantize(node["kernel_q"], node["kernel_scale"], mode))
     scale = np.asarray(node["kernel_scale"])

@@ -60,3 +60,18 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     one = {r["step"]: r["loss"] for r in train(cfg, out=lambda _: None)["history"]}
     assert sorted(two) == sorted(one) == list(range(1, 13))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-5)
+
+
+def test_two_processes_train_lora_like_one_process(tmp_path):
+    """LoRA (adapters, dropout, QLoRA int8 base from the seed) over 2 processes x 4 devices matches 1 x 8."""
+    lora = ["train.lora.rank=4", "train.lora.dropout=0.1", "train.lora.quantize=int8", "train.steps=4",
+            "checkpoint.enabled=false"]
+    cmd = [sys.executable, "-m", "jaxllama.launch.local", "2", "--devices-per-process", "4", "--", sys.executable,
+           "-m", "jaxllama.cli", "train", *ARGS, *lora, f"run_dir={tmp_path / 'two'}"]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    two = losses(tmp_path / "two")
+    one = {h["step"]: h["loss"] for h in train(load_config(None, [*ARGS, *lora, f"run_dir={tmp_path / 'one'}"]),
+                                               out=lambda _: None)["history"]}
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-5)

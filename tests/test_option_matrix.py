@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 
 from jaxllama.checkpoint import save_params
-from jaxllama.config import Config, load_config
-from jaxllama.model import lora
+from jaxllama.config import Config, LoraConfig, load_config
 from jaxllama.program import build_program
 from jaxllama.train.loop import train
 
@@ -124,7 +123,8 @@ def overrides(row: dict[str, str]) -> list[str]:
 def _init_from(cfg: Config, tmp: Path) -> list[str]:
     """Weights to start from, of this row's shape (another seed's, written as a jaxllama params dir; a
     LoRA row's base)."""
-    save_params(str(tmp / "init"), lora.split(build_program(cfg).init_state(seed=5).model_tree())[1], cfg.model)
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lora=LoraConfig()))  # float weights
+    save_params(str(tmp / "init"), build_program(plain).init_state(seed=5).params, cfg.model)
     return [f"train.init_from={tmp / 'init'}"]
 
 

@@ -1,7 +1,7 @@
 """Weight-only quantization of the block projections: int8 per output channel, int4 per group of
 input rows. QLoRA holds its frozen base this way (the adapters stay float32).
 
-A quantized kernel ``[..., in, out]`` becomes ``kernel_q`` (int8, or int4 in [-8, 7]) and
+A quantized kernel ``[..., in, out]`` becomes ``kernel_q`` (int8 values, or int4 values in [-8, 7]) and
 ``kernel_scale``: ``[..., out]`` for int8 (``w ~= q * scale``), ``[..., in / group, out]`` for int4
 (``w[i] ~= q[i] * scale[i // group]``). Symmetric absmax scales, round to nearest. The model
 dequantizes inside the matmul (:func:`dequantized_matmul`): per-channel scales apply to the output, so
@@ -18,7 +18,10 @@ import jax.numpy as jnp
 MODES = ("none", "int8", "int4")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _QMAX = {"int8": 127, "int4": 7}
-QDTYPE = {"int8": jnp.int8, "int4": jnp.int4}
+# int4 values are stored one per byte: arrays of XLA's packed S4 type made by one jitted function do not
+# match the layout another compiled function expects (CPU, JAX 0.10), so packing waits for the
+# quantized-inference kernels; the grouped scales and the 16 levels are int4's.
+QDTYPE = {"int8": jnp.int8, "int4": jnp.int8}
 
 
 def quantize(w: jax.Array, mode: str, group: int) -> tuple[jax.Array, jax.Array]:

@@ -217,7 +217,7 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (), ch
     """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated."""
     cfg = Config()
     _apply_tree(cfg, tree, prefix="")
-    preset_given = "preset" in (tree.get("model") or {}) if isinstance(tree.get("model"), dict) else False
+    preset_given = isinstance(tree.get("model"), dict) and "preset" in tree["model"]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

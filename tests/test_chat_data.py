@@ -297,3 +297,18 @@ def test_packing_does_not_change_a_documents_masked_loss_under_the_model(tiktoke
     packed = packer.pop(len(packer.ready))
     assert packed["tokens"].shape[0] < len(docs)  # several documents share a row
     assert nll(packed) == pytest.approx(alone, rel=1e-5)
+
+
+def test_a_runs_tokenizer_copy_keeps_a_model_files_chat_template(sp_path, tmp_path):
+    """A SentencePiece ``tokenizer.model`` read from a folder with a template: the run's copy keeps the
+    template (so ``generate RUN --chat`` renders as training did) and the BOS/EOS choices."""
+    from jaxllama.data.tokenizers import copy_tokenizer
+
+    src = tmp_path / "base"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(open(sp_path, "rb").read())
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "add_eos_token": True}))
+    tok = load_tokenizer(str(src))
+    copy_tokenizer(tok, tmp_path / "run" / "tokenizer")
+    copied = load_tokenizer(str(tmp_path / "run" / "tokenizer"))
+    assert copied.chat_template == CHAT_TEMPLATE and copied.add_eos and copied.add_bos == tok.add_bos

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,8 @@ class Adapter:
     base: str | None  # the base checkpoint, when known (a run's train.init_from; PEFT's base path)
     path: str
     dropout: float = 0.0
-    run_cfg: Any = None  # a jaxllama run's Config (its base may be the seed's random weights)
+    run_cfg: Any = None  # a jaxllama run's Config
     tokenizer_dir: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
@@ -79,20 +78,15 @@ def is_adapter(path: str | Path) -> bool:
 
 def _run_config(p: Path):
     """The training Config of a LoRA run or step dir, else None."""
-    from jaxllama.checkpoint.params import CHECKPOINTS, complete_steps, as_path
+    from jaxllama.checkpoint.params import as_path, resolve_params_dirs
 
     if not p.is_dir():
         return None
-    step = None
-    if (p / "train").is_dir() and (p / "params").is_dir():
-        step = p
-    else:
-        for d in (p / CHECKPOINTS, p):
-            steps = complete_steps(as_path(d)) if d.is_dir() else []
-            if steps:
-                step = d / str(steps[-1])
-                break
-    if step is None or not (step / "train").is_dir():
+    try:
+        step = resolve_params_dirs(str(p))[0]  # the dir itself, or a run's newest complete step
+    except ConfigError:
+        return None
+    if not (step / "train").is_dir():  # a params-only export: no training config, so no adapter
         return None
     import orbax.checkpoint as ocp
 
@@ -184,7 +178,7 @@ def _read_peft(p: Path) -> Adapter:
         tensors[module] = (np.stack(a_list), np.stack(b_list))
     base = conf.get("base_model_name_or_path")
     return Adapter(rank, alpha, tuple(targets), tensors, n_layers, base if base and Path(base).exists() else None,
-                   str(p), float(conf.get("lora_dropout", 0.0)), extra={"peft_config": conf})
+                   str(p), float(conf.get("lora_dropout", 0.0)))
 
 
 def write_peft(adapter: Adapter, dst: str | Path) -> Path:

@@ -119,17 +119,17 @@ class ChatEncoder:
 
     def _fit(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         limit = self.seq_len + 1
-        if self.seq_len and ids.size > limit:
+        cut = bool(self.seq_len) and ids.size > limit
+        if cut:
             if self.truncate == "drop":
                 self.dropped += 1
                 return None
             self.truncated += 1
-            cut = slice(0, limit) if self.truncate == "right" else slice(ids.size - limit, None)
-            ids, mask = ids[cut], mask[cut]
+            keep = slice(0, limit) if self.truncate == "right" else slice(ids.size - limit, None)
+            ids, mask = ids[keep], mask[keep]
         if not mask[1:].any():  # the first token is never a target
-            why = (f"after data.truncate={self.truncate} to {limit} tokens" if self.truncated and self.seq_len
-                   and ids.size == limit else "")
-            raise BadRecord(f"no trained tokens left {why}".strip() + " (the loss mask is empty)")
+            why = f" after data.truncate={self.truncate} to {limit} tokens" if cut else ""
+            raise BadRecord(f"no trained tokens left{why} (the loss mask is empty)")
         return ids, mask
 
 
@@ -208,7 +208,7 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
     order, no shuffle), each as its text with the trained tokens marked, or (``tokens``) a table of
     id / piece / trained. Reads records in plain Python: no TensorFlow, no model."""
     from jaxllama.config import CHAT_FORMATS
-    from jaxllama.data.corpus import BadRecords, SourceSpec, read_documents, resolve_files
+    from jaxllama.data.corpus import BadRecords, SourceSpec, chat_records, read_documents, resolve_files
     from jaxllama.data.sources import open_tokenizer
 
     d = cfg.data
@@ -221,8 +221,9 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
     out: list[str] = []
     seen = 0
     for path in resolve_files(spec.pattern):
-        records = _lines(path, enc, bad) if enc else ((f"{path}:{i}", _plain(tok, d, text)) for i, text in
-                                                       enumerate(read_documents(path, d.format, d.text_key, bad), 1))
+        records = chat_records(path, enc, bad) if enc else ((f"{path} document {i}", _plain(tok, d, text)) for i, text
+                                                             in enumerate(read_documents(path, d.format, d.text_key,
+                                                                                         bad), 1))
         for where, doc in records:
             if doc is None:
                 out.append(f"== {where}: dropped (longer than data.seq_len + 1 and data.truncate=drop)")
@@ -243,16 +244,6 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
     if seen <= skip:
         out.append(f"(no record after the first {skip})")
     return "\n".join(out)
-
-
-def _lines(path: str, enc: ChatEncoder, bad: Any):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", encode_line(enc, line)
-                except BadRecord as e:
-                    bad(f"{path}:{lineno}", str(e))
 
 
 def _plain(tok: Any, d: Any, text: str) -> tuple[np.ndarray, np.ndarray]:

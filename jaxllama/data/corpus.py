@@ -12,7 +12,7 @@ import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from jaxllama.errors import ConfigError
 
@@ -115,10 +115,10 @@ def read_documents(path: str, fmt: str = "auto", text_key: str = "text", bad: Ba
             bad(path, "empty file")
 
 
-def read_chat_documents(path: str, encoder, bad: BadRecords | None = None) -> Iterator[bytes]:
-    """Encoded documents (:func:`jaxllama.data.chat_data.pack_doc`) of one chat/prompt_completion JSONL
+def chat_records(path: str, encoder, bad: BadRecords | None = None) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, (ids, mask) or None when dropped) per record of one chat/prompt_completion JSONL
     file; a bad record goes to ``bad`` with its file:line."""
-    from jaxllama.data.chat_data import BadRecord, encode_line, pack_doc
+    from jaxllama.data.chat_data import BadRecord, encode_line
 
     bad = bad or BadRecords()
     lineno = 0
@@ -128,14 +128,20 @@ def read_chat_documents(path: str, encoder, bad: BadRecords | None = None) -> It
             if line is None or not line.strip():
                 continue
             try:
-                doc = encode_line(encoder, line)
+                yield f"{path}:{lineno}", encode_line(encoder, line)
             except BadRecord as e:
                 bad(f"{path}:{lineno}", str(e))
-                continue
-            if doc is not None:
-                yield pack_doc(*doc)
     if lineno == 0:
         bad(path, "empty file")
+
+
+def read_chat_documents(path: str, encoder, bad: BadRecords | None = None) -> Iterator[bytes]:
+    """The encoded documents (:func:`jaxllama.data.chat_data.pack_doc`) of :func:`chat_records`."""
+    from jaxllama.data.chat_data import pack_doc
+
+    for _, doc in chat_records(path, encoder, bad):
+        if doc is not None:
+            yield pack_doc(*doc)
 
 
 def _decode(data: bytes, errors: str, path: str, first_line: int, bad: BadRecords) -> str | None:

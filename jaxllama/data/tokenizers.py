@@ -88,9 +88,9 @@ class Tokenizer:
         """(ids, start chars, end chars) of ``text`` without BOS/EOS: which characters each token covers,
         so a character span (an assistant turn) maps to exact tokens. The ids equal ``encode``'s."""
         ids, starts, ends = [], [], []
-        for base, part in _special_parts(text, self._parsed_specials() if special else {}):
-            if isinstance(part, int):
-                ids.append(part), starts.append(base), ends.append(base + len(self.piece(part)))
+        for base, part, sid in _special_parts(text, self._parsed_specials() if special else {}):
+            if sid is not None:
+                ids.append(sid), starts.append(base), ends.append(base + len(part))
                 continue
             i, s, e = self._offsets(part)
             ids += i
@@ -130,23 +130,23 @@ class Tokenizer:
         return token_id
 
 
-def _special_parts(text: str, specials: dict[str, int]) -> list[tuple[int, str | int]]:
-    """(start char, plain string or special id) pieces of ``text``, as :func:`_split_on_specials` cuts it."""
+def _special_parts(text: str, specials: dict[str, int]) -> list[tuple[int, str, int | None]]:
+    """``text`` cut at special-token strings (longest name first), for ``special=True``: (start char,
+    the piece's text, its special id or None for plain text) per non-empty piece."""
+    if not specials:
+        return [(0, text, None)] if text else []
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
     out, pos = [], 0
-    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")" if specials else None
-    for i, part in enumerate(re.split(pattern, text) if pattern else [text]):
+    for i, part in enumerate(re.split(pattern, text)):
         if part:
-            out.append((pos, specials[part] if i % 2 else part))
+            out.append((pos, part, specials[part] if i % 2 else None))
         pos += len(part)
     return out
 
 
 def _split_on_specials(text: str, specials: dict[str, int]) -> list[str | int]:
-    """``text`` cut into plain strings and special ids (longest name first), for ``special=True``."""
-    if not specials:
-        return [text]
-    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
-    return [specials[part] if i % 2 else part for i, part in enumerate(re.split(pattern, text)) if part]
+    """``text`` as plain strings and special ids (:func:`_special_parts`)."""
+    return [part if sid is None else sid for _, part, sid in _special_parts(text, specials)]
 
 
 class SentencePieceTokenizer(Tokenizer):

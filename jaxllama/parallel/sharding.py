@@ -155,11 +155,6 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
 
 
 def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
-    """Bytes one device holds for ``abstract_tree`` laid out by ``shardings`` (largest shard). 4-bit
-    types count half a byte (XLA packs them on TPU and GPU; numpy's ``itemsize`` says 1)."""
-    def nbytes(leaf, sharding):
-        n = math.prod(sharding.shard_shape(leaf.shape))
-        return (n + 1) // 2 if leaf.dtype.name in ("int4", "uint4") else n * leaf.dtype.itemsize
-
-    return sum(nbytes(leaf, sharding) for leaf, sharding in zip(jax.tree.leaves(abstract_tree),
-                                                                 jax.tree.leaves(shardings)))
+    """Bytes one device holds for ``abstract_tree`` laid out by ``shardings`` (largest shard)."""
+    return sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))

@@ -174,7 +174,9 @@ class Linear(nn.Module):
     def _lora(self, x: jax.Array) -> jax.Array:
         """The adapter's ``alpha / rank * dropout(x) A B``: A [in, rank] is sharded like the kernel's input
         dimension, B [rank, out] like its output (so the adapter follows its base kernel under any rules).
-        A starts as PEFT's (uniform +-1/sqrt(in)), B at zero: the initial delta is exactly zero."""
+        A starts as PEFT's (uniform +-1/sqrt(in)), B at zero: the initial delta is exactly zero.
+        Both products go through :func:`dense`: autodiff's 3-D ``dB = h^T dy`` makes XLA:CPU write the
+        [tokens, out] gradient transposed (a strided copy per projection, a fifth of the LoRA step)."""
         a, d_in = self.a, x.shape[-1]
         bound = 1.0 / math.sqrt(d_in)
         lora_a = self.param("lora_a", nn.with_logical_partitioning(
@@ -185,8 +187,8 @@ class Linear(nn.Module):
         if a.lora_dropout > 0 and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - a.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1 - a.lora_dropout), 0).astype(x.dtype)
-        h = jnp.dot(x.astype(a.dtype), lora_a.astype(a.dtype))
-        return (jnp.dot(h, lora_b.astype(a.dtype)) * (a.lora_alpha / a.lora_rank)).astype(a.dtype)
+        h = dense(x.astype(a.dtype), lora_a.astype(a.dtype))
+        return (dense(h, lora_b.astype(a.dtype)) * (a.lora_alpha / a.lora_rank)).astype(a.dtype)
 
 
 class Attention(nn.Module):

@@ -14,6 +14,7 @@ gradient) and a full step (all three).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -53,17 +54,14 @@ def main() -> None:
         tx, tw, tdy = (torch.from_numpy(a) for a in (x, w, dy))
         jx, jw, jdy = (jnp.asarray(a) for a in (x, w, dy))
         if name == "head":
-            forms = {"fwd": (lambda: tx @ tw.T, jax.jit(lambda x, w, dy: x @ w.T)),
-                     "dx": (lambda: tdy @ tw, jax.jit(lambda x, w, dy: dy @ w)),
-                     "dw": (lambda: tdy.T @ tx, jax.jit(lambda x, w, dy: dy.T @ x))}
+            forms = {"fwd": lambda x, w, dy: x @ w.T, "dx": lambda x, w, dy: dy @ w, "dw": lambda x, w, dy: dy.T @ x}
         else:
-            forms = {"fwd": (lambda: tx @ tw, jax.jit(lambda x, w, dy: x @ w)),
-                     "dx": (lambda: tdy @ tw.T, jax.jit(lambda x, w, dy: dy @ w.T)),
-                     "dw": (lambda: tx.T @ tdy, jax.jit(lambda x, w, dy: x.T @ dy))}
+            forms = {"fwd": lambda x, w, dy: x @ w, "dx": lambda x, w, dy: dy @ w.T, "dw": lambda x, w, dy: x.T @ dy}
         flops = 2 * args.tokens * d_in * d_out
-        for form, (tf, jf) in forms.items():
-            t_torch = _time(tf, args.reps)
-            t_xla = _time(lambda: jf(jx, jw, jdy).block_until_ready(), args.reps)
+        for form, fn in forms.items():
+            jf = jax.jit(fn)
+            t_torch = _time(functools.partial(fn, tx, tw, tdy), args.reps)
+            t_xla = _time(functools.partial(lambda f, *a: f(*a).block_until_ready(), jf, jx, jw, jdy), args.reps)
             rows.append(dict(product=name, form=form, xla_gflops=round(flops / t_xla / 1e9, 1),
                              torch_gflops=round(flops / t_torch / 1e9, 1)))
             for step in ("full",) + (("lora",) if form != "dw" else ()):

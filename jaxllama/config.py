@@ -29,8 +29,8 @@ ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "wsd", "constant")
 ROPE_TYPES = ("default", "llama3")
-DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord", "chat", "prompt_completion")
-CHAT_FORMATS = ("chat", "prompt_completion")
+DATA_FORMATS = ("auto", "text", "lines", "jsonl", "tfrecord", "chat", "prompt_completion", "preference")
+CHAT_FORMATS = ("chat", "prompt_completion", "preference")  # JSONL records encoded (and masked) by the reader
 LOSS_ON = ("assistant", "last_assistant", "all")
 TRUNCATE_MODES = ("right", "left", "drop")
 PACKING_MODES = ("pack", "concat")
@@ -124,6 +124,7 @@ class DataConfig:
     loss_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all (every token)
     chat_template: str = "auto"  # auto (the tokenizer's Jinja template, else Llama 3/2 by its tokens) | jinja | llama3 | llama2
     truncate: str = "right"  # a conversation longer than seq_len + 1 tokens: right (keep the start) | left | drop
+    pairs_per_row: int = 4  # preference: pairs packed into one row at most (both sides of a pair share a row)
 
 
 @dataclass
@@ -156,6 +157,23 @@ class LoraConfig:
     group_size: int = 128  # int4: input rows per scale
 
 
+OBJECTIVES = ("lm", "dpo", "simpo")
+DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+DPO_REFERENCES = ("auto", "base", "separate")
+
+
+@dataclass
+class DpoConfig:
+    """Preference tuning (``train.objective=dpo|simpo`` on ``data.format=preference``), TRL's definitions."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (with label_smoothing: cDPO) | robust | hinge | ipo
+    label_smoothing: float = 0.0
+    reference: str = "auto"  # auto: base with LoRA, else separate | base (the frozen base, adapters off) | separate
+    reference_path: str | None = None  # separate: the reference's weights (default: train.init_from)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -172,6 +190,8 @@ class TrainConfig:
     eval_every: int = 0  # steps between evals (when eval data is configured); 0: only at the end
     eval_batches: int = 0  # batches per eval; 0: one whole pass over the eval data (synthetic: 8)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: str = "lm"  # lm (next-token loss) | dpo | simpo (preference pairs)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 @dataclass
@@ -230,6 +250,9 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (), ch
     validate(cfg)
     if cfg.train.init_from and "://" not in cfg.train.init_from:  # a run's saved config works from anywhere
         cfg.train.init_from = str(Path(cfg.train.init_from).expanduser().resolve())
+    ref = cfg.train.dpo.reference_path
+    if ref and "://" not in ref:
+        cfg.train.dpo.reference_path = str(Path(ref).expanduser().resolve())
     return cfg
 
 
@@ -466,11 +489,44 @@ def validate(cfg: Config) -> None:
     if d.global_batch % t.grad_accum:
         raise ConfigError(f"data.global_batch={d.global_batch} must be divisible by train.grad_accum={t.grad_accum}")
     _validate_lora(t.lora)
+    _validate_objective(cfg)
     _validate_mesh_shape(cfg.mesh)
     for name in ("every", "keep_every"):
         if getattr(cfg.checkpoint, name) < 0:
             raise ConfigError(f"checkpoint.{name}: must be >= 0, got {getattr(cfg.checkpoint, name)}")
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+
+def _validate_objective(cfg: Config) -> None:
+    t, d, p = cfg.train, cfg.data, cfg.train.dpo
+    _choice("train.objective", t.objective, OBJECTIVES)
+    _choice("train.dpo.loss", p.loss, DPO_LOSSES)
+    _choice("train.dpo.reference", p.reference, DPO_REFERENCES)
+    _positive("train.dpo.beta", p.beta)
+    _positive("data.pairs_per_row", d.pairs_per_row)
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(f"train.dpo.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
+    if (t.objective != "lm") != (d.format == "preference"):
+        raise ConfigError(f"train.objective={t.objective} with data.format={d.format}: preference objectives "
+                          "(dpo, simpo) train on data.format=preference, and preference data needs one of them")
+    if t.objective != "dpo":
+        return
+    if d.packing != "pack":
+        raise ConfigError("data.packing=concat: preference pairs are packed whole (data.packing=pack)")
+    if p.reference == "base" and not t.lora.rank:
+        raise ConfigError("train.dpo.reference=base is the frozen base seen without the adapters: it needs LoRA "
+                          "(train.lora.rank); without it use train.dpo.reference=separate")
+    if reference_mode(cfg) == "separate" and not (p.reference_path or t.init_from):
+        raise ConfigError("train.dpo.reference=separate needs weights: set train.dpo.reference_path (or "
+                          "train.init_from, which it defaults to)")
+    if p.reference_path and "://" not in p.reference_path and not Path(p.reference_path).expanduser().exists():
+        raise ConfigError(f"train.dpo.reference_path: {p.reference_path}: no such file or folder")
+
+
+def reference_mode(cfg: Config) -> str:
+    """How a DPO run gets its reference: ``base`` (LoRA's frozen base, no second copy) or ``separate``."""
+    ref = cfg.train.dpo.reference
+    return ("base" if cfg.train.lora.rank else "separate") if ref == "auto" else ref
 
 
 def _validate_lora(lora: LoraConfig) -> None:

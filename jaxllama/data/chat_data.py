@@ -91,6 +91,20 @@ class ChatEncoder:
         rendered = Rendered(rendered.text, spans)
         return token_mask(self.tok, rendered, special=True)
 
+    # -- transport (the reader thread -> the pipeline's packer) ------------------------------------
+
+    @staticmethod
+    def pack(doc: tuple[np.ndarray, np.ndarray]) -> bytes:
+        return pack_doc(*doc)
+
+    @staticmethod
+    def unpack(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        return unpack_doc(raw)
+
+    @staticmethod
+    def place(packer: Any, doc: tuple[np.ndarray, np.ndarray]) -> None:
+        packer.add(*doc)
+
     def _prompt_completion(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
         if "prompt" not in record:
             raise BadRecord("no key 'prompt' (data.format=prompt_completion wants \"prompt\" and \"completion\")")
@@ -173,8 +187,12 @@ def unpack_doc(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(raw[: 4 * n], "<i4").astype(np.int32), np.frombuffer(raw[4 * n:], np.uint8).copy()
 
 
-def encoder_for(d: Any, tok: Any) -> ChatEncoder:
-    """The encoder ``data.*`` describes."""
+def encoder_for(d: Any, tok: Any) -> Any:
+    """The encoder ``data.*`` describes (preference pairs: :mod:`jaxllama.data.preference`)."""
+    if d.format == "preference":
+        from jaxllama.data.preference import preference_encoder
+
+        return preference_encoder(d, tok)
     return ChatEncoder(tok, d.format, d.loss_on, d.chat_template, d.truncate, d.seq_len,
                        tok.add_bos if d.add_bos is None else d.add_bos)
 

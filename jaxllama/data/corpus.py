@@ -136,12 +136,10 @@ def chat_records(path: str, encoder, bad: BadRecords | None = None) -> Iterator[
 
 
 def read_chat_documents(path: str, encoder, bad: BadRecords | None = None) -> Iterator[bytes]:
-    """The encoded documents (:func:`jaxllama.data.chat_data.pack_doc`) of :func:`chat_records`."""
-    from jaxllama.data.chat_data import pack_doc
-
+    """The encoded documents (``encoder.pack``: bytes for tf.data) of :func:`chat_records`."""
     for _, doc in chat_records(path, encoder, bad):
         if doc is not None:
-            yield pack_doc(*doc)
+            yield encoder.pack(doc)
 
 
 def _decode(data: bytes, errors: str, path: str, first_line: int, bad: BadRecords) -> str | None:

@@ -28,10 +28,13 @@ from jaxllama.data.batch import BATCH_DTYPES, ROW_KEYS
 class Packer:
     """Accumulates documents with :meth:`add`; complete rows come out of :meth:`pop`."""
 
-    def __init__(self, seq_len: int, mode: str = "pack", pad_id: int = 0, window: int = 8):
+    def __init__(self, seq_len: int, mode: str = "pack", pad_id: int = 0, window: int = 8, max_segments: int = 0):
+        """``max_segments``: a row holding that many documents is complete (0: no limit); preference
+        pairs use it so that the loss can sum each sequence over a fixed number of segments."""
         if mode not in ("pack", "concat"):
             raise ValueError(f"packing mode {mode!r}")
         self.seq_len, self.mode, self.pad_id, self.window = seq_len, mode, pad_id, window
+        self.max_segments = max_segments
         self.open = self._empty(0)  # rows still being filled: arrays [k, seq_len]
         self.fill = np.zeros(0, np.int64)  # tokens used in each open row
         self.nseg = np.zeros(0, np.int64)  # segments in each open row
@@ -71,17 +74,43 @@ class Packer:
         for start in range(0, ids.size - 1, self.seq_len):
             self._place(ids[start: start + self.seq_len + 1], mask[start: start + self.seq_len + 1])
 
-    def _place(self, piece: np.ndarray, mask: np.ndarray) -> None:
-        n = piece.size - 1  # (input, target) pairs in this piece
+    def add_pair(self, ids_a: np.ndarray, mask_a: np.ndarray, ids_b: np.ndarray, mask_b: np.ndarray) -> None:
+        """Two documents that must share a row as consecutive segments (a preference pair: chosen as
+        segment 2k + 1, rejected as 2k + 2). Together they must fit in a row (the encoder cuts them)."""
+        if self.mode != "pack":
+            raise ValueError("preference pairs need packing mode 'pack'")
+        pieces = [(np.asarray(i, np.int32), np.asarray(m, np.float32)) for i, m in ((ids_a, mask_a), (ids_b, mask_b))]
+        need = sum(p.size - 1 for p, _ in pieces)
+        if need > self.seq_len or min(p.size for p, _ in pieces) < 2:
+            raise ValueError(f"a pair of {need} positions does not fit a row of {self.seq_len}")
+        row = self._row_for(need)
+        for piece, mask in pieces:
+            self._write(row, piece, mask)
+        self._maybe_retire(row)
+
+    def _row_for(self, n: int) -> int:
+        """An open row with ``n`` free positions (first fit), opening one (and retiring the fullest when
+        the window is full) if none has."""
         free = self.seq_len - self.fill
         fits = np.nonzero(free >= n)[0]
         if fits.size:
-            row = int(fits[0])
-        else:
-            if self.fill.size >= self.window:  # window full: retire the fullest row to make room
-                self._retire(int(np.argmax(self.fill)))
-            self._open_row()
-            row = self.fill.size - 1
+            return int(fits[0])
+        if self.fill.size >= self.window:  # window full: retire the fullest row to make room
+            self._retire(int(np.argmax(self.fill)))
+        self._open_row()
+        return self.fill.size - 1
+
+    def _maybe_retire(self, row: int) -> None:
+        if self.fill[row] == self.seq_len or (self.max_segments and self.nseg[row] >= self.max_segments):
+            self._retire(row)
+
+    def _place(self, piece: np.ndarray, mask: np.ndarray) -> None:
+        row = self._row_for(piece.size - 1)
+        self._write(row, piece, mask)
+        self._maybe_retire(row)
+
+    def _write(self, row: int, piece: np.ndarray, mask: np.ndarray) -> None:
+        n = piece.size - 1  # (input, target) pairs in this piece
         a, b = int(self.fill[row]), int(self.fill[row]) + n
         self.nseg[row] += 1
         self.open["tokens"][row, a:b] = piece[:-1]
@@ -90,8 +119,6 @@ class Packer:
         self.open["positions"][row, a:b] = np.arange(n, dtype=np.int32)
         self.open["loss_mask"][row, a:b] = mask[1:]
         self.fill[row] = b
-        if b == self.seq_len:
-            self._retire(row)
 
     def _open_row(self) -> None:
         new = self._empty(1)

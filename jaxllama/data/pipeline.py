@@ -57,7 +57,7 @@ class TextSource:
         self.add_bos = tokenizer.add_bos if d.add_bos is None else d.add_bos
         self.add_eos = tokenizer.add_eos if d.add_eos is None else d.add_eos
         self.epoch, self.docs = 0, 0  # position of the producer
-        self.packer = Packer(d.seq_len, d.packing, pad_id=tokenizer.pad_id)
+        self.packer = make_packer(d, tokenizer)
         self._consumed: dict[str, Any] | None = None  # snapshot after the last batch handed out
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -88,10 +88,8 @@ class TextSource:
                        process_index=self.process_index, process_count=self.process_count, split=self.split,
                        holdout=self.holdout, key=self.key, bad=self.bad, encoder=self.encoder)
         if self.encoder is not None:  # already tokenized and masked by the reader
-            from jaxllama.data.chat_data import unpack_doc
-
             for raw in ds.skip(skip).batch(TOKENIZE_BATCH).prefetch(2).as_numpy_iterator():
-                yield [unpack_doc(bytes(x)) for x in raw]
+                yield [self.encoder.unpack(bytes(x)) for x in raw]
             return
         encode = tf_tokenize(self.tok)
 
@@ -116,7 +114,7 @@ class TextSource:
                 for docs in self._token_batches(self.epoch, self.docs):
                     for doc in docs:
                         if self.encoder is not None:
-                            self.packer.add(*doc)  # complete (template specials included) and masked
+                            self.encoder.place(self.packer, doc)  # complete (template specials included), masked
                         else:
                             self.packer.add(self._document(doc))
                         self.docs += 1
@@ -192,7 +190,7 @@ class TextSource:
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         """A batch of padding only (loss_mask 0): what a process that ran dry feeds a collective eval."""
-        return Packer(self.d.seq_len, self.d.packing, pad_id=self.tok.pad_id).pop(self.local_batch)
+        return make_packer(self.d, self.tok).pop(self.local_batch)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -215,9 +213,15 @@ class TextSource:
                            f"this is process {self.process_index} of {self.process_count}")
         self.close()
         self.epoch, self.docs = int(state["epoch"]), int(state["docs"])
-        self.packer = Packer(self.d.seq_len, self.d.packing, pad_id=self.tok.pad_id)
+        self.packer = make_packer(self.d, self.tok)
         self.packer.restore(decode_arrays(state["packer"]))
         self._consumed = None
+
+
+def make_packer(d: DataConfig, tok) -> Packer:
+    """The packer ``data.*`` describes: preference rows hold at most ``data.pairs_per_row`` pairs."""
+    return Packer(d.seq_len, d.packing, pad_id=tok.pad_id,
+                  max_segments=2 * d.pairs_per_row if d.format == "preference" else 0)
 
 
 def _readable(e: BaseException, key: str) -> BaseException:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxllama.config import Config
+from jaxllama.config import Config, reference_mode
 from jaxllama.data.batch import BATCH_DTYPES
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params, model_params
@@ -139,22 +139,37 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
-    abstract, shardings = state_shardings(boxed, tx, layout, adapters_only=arch.lora_rank > 0)
+    reference = reference_mode(cfg) if t.objective == "dpo" else "none"
+    ref_boxed = abstract_params(reference_arch(arch)) if reference == "separate" else None
+    abstract, shardings = state_shardings(boxed, tx, layout, adapters_only=arch.lora_rank > 0,
+                                          reference_boxed=ref_boxed)
     batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
-    loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk, unroll_loss)
+    lm_loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk, unroll_loss)
+    loss_fn = lm_loss_fn
+    if t.objective != "lm":
+        from jaxllama.program.preference import make_preference_loss_fn
+
+        loss_fn = make_preference_loss_fn(model, arch, d.seq_len, t.dpo, t.objective, d.pairs_per_row, reference,
+                                          t.loss_chunk)
     step = make_train_step(loss_fn, tx, schedule, t.grad_accum, layout,
                            dropout_seed=t.seed if arch.lora_dropout > 0 else None)
     train_step = jax.jit(step, in_shardings=(shardings, batch.shardings()),
                          out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
 
-    def eval_fn(params, batch):
-        _, (nll, n_tokens) = loss_fn(params, batch)
-        return nll, n_tokens
+    def eval_fn(params, batch):  # the next-token loss on the trained tokens (preference runs: both responses)
+        _, (n_tokens, sums) = lm_loss_fn(params, batch)
+        return sums["loss"], n_tokens
 
     eval_step = jax.jit(eval_fn, in_shardings=(shardings.model_tree(), batch.shardings()),
                         out_shardings=(layout.replicated(), layout.replicated()))
     return Program(cfg, plan, layout, arch, model, tx, schedule, abstract, shardings, batch, loss_fn,
                    train_step, eval_step)
+
+
+def reference_arch(arch: Arch) -> Arch:
+    """The architecture of a separate DPO reference: the policy's, float, without adapters, scanned
+    (the canonical tree)."""
+    return dataclasses.replace(arch, lora_rank=0, lora_dropout=0.0, lora_quantize="none", scan_layers=True)
 
 
 def check_shapes(layout: Layout, arch: Arch, boxed_params: Any, rows: int, length: int) -> None:

@@ -33,6 +33,7 @@ class TrainState:
     params: Any
     opt_state: Any
     frozen: Any = None
+    reference: Any = None  # DPO with a separate reference: its weights, frozen (never checkpointed)
 
     def model_tree(self) -> Any:
         """The whole canonical parameter tree: the frozen base with the trained leaves put in."""
@@ -53,10 +54,8 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     n = t // chunk
 
     def sums(h, tgt, m):
-        logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=F32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - picked) * m), jnp.sum(lse * lse * m)
+        nll, lse = _nll_lse(h, kernel, tgt, dtype)
+        return jnp.sum(nll * m), jnp.sum(lse * lse * m)
 
     if n == 1:  # the whole sequence is one chunk (small vocabularies): no loop, and no recomputed head
         return sums(hidden, targets, mask.astype(F32))
@@ -74,13 +73,35 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     return nll, z
 
 
+def _nll_lse(h: jax.Array, kernel: jax.Array, targets: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Per-token next-token NLL and logsumexp of the head's float32 logits."""
+    logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=F32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
+
+
+def chunked_token_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int, dtype: Any) -> jax.Array:
+    """Per-token NLL [batch, seq] in float32, computed chunk by chunk like :func:`chunked_cross_entropy`
+    (only one chunk's logits exist at a time) for losses over whole sequences (preference tuning)."""
+    b, t, d = hidden.shape
+    n = t // chunk
+    if n == 1:
+        return _nll_lse(hidden, kernel, targets, dtype)[0]
+    one = jax.checkpoint(lambda h, tgt: _nll_lse(h, kernel, tgt, dtype)[0])
+    hs, ts = hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1)
+    _, out = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (hs, ts))
+    return out.swapaxes(0, 1).reshape(b, t)
+
+
 def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_chunk: int = 0,
                  unroll: bool = False) -> Callable:
-    """``loss_fn(params, batch) -> (objective_sum, (nll_sum, n_tokens))``: sums, so micro-batches add up.
-    ``params`` is the canonical tree (layers stacked) whether or not ``a.scan_layers``."""
+    """``loss_fn(params, batch, rng, reference) -> (objective_sum, (n, sums))``: sums, so micro-batches add
+    up; the step divides the objective and every entry of ``sums`` (``loss``, ``tokens``, ...) by ``n``
+    (here the trained tokens). ``params`` is the canonical tree (layers stacked) whether or not
+    ``a.scan_layers``; ``reference`` is for preference objectives (:mod:`.preference`)."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
 
-    def loss_fn(params, batch, rng=None):
+    def loss_fn(params, batch, rng=None, reference=None):
         # the state holds the canonical (stacked) tree; an unrolled model takes its layers one by one.
         # ``rng``: dropout (LoRA's), training only
         hidden = model.apply({"params": model_params(params, a)}, batch["tokens"], batch["positions"],
@@ -88,7 +109,8 @@ def make_loss_fn(model: Llama, a: Arch, seq_len: int, z_loss: float = 0.0, loss_
                              rngs=None if rng is None else {"dropout": rng})
         nll, z = chunked_cross_entropy(hidden, head_kernel(params, a), batch["targets"], batch["loss_mask"],
                                        chunk, a.dtype, unroll)
-        return nll + z_loss * z, (nll, jnp.sum(batch["loss_mask"].astype(F32)))
+        n = jnp.sum(batch["loss_mask"].astype(F32))
+        return nll + z_loss * z, (n, {"loss": nll, "tokens": n})
 
     return loss_fn
 
@@ -105,13 +127,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     the optimizer's own step count is the number of updates applied; the logged ``lr`` is the
     schedule at that count, the rate this step applied (``state.step`` counts skipped steps too).
     """
-    grad_fn = jax.value_and_grad(lambda p, frozen, b, rng: loss_fn(lora.merge(frozen, p), b, rng), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, frozen, b, rng, ref: loss_fn(lora.merge(frozen, p), b, rng, ref),
+                                 has_aux=True)
 
-    def gradients(params, frozen, batch, step):
+    def gradients(params, frozen, reference, batch, step):
         key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), step)
         if grad_accum == 1:
-            (_, (nll, n)), grads = grad_fn(params, frozen, batch, key)
-            return grads, nll, n
+            (_, (n, sums)), grads = grad_fn(params, frozen, batch, key, reference)
+            return grads, n, sums
 
         def split(x):  # rows j, j+k, j+2k, ... form micro-batch j: every batch shard feeds each one
             x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
@@ -119,26 +142,30 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
         def body(carry, xs):
             j, micro = xs
-            (_, (nll, n)), g = grad_fn(params, frozen, micro, None if key is None else jax.random.fold_in(key, j))
-            return jax.tree.map(jnp.add, carry, (g, nll, n)), None
+            (_, aux), g = grad_fn(params, frozen, micro, None if key is None else jax.random.fold_in(key, j), reference)
+            return jax.tree.map(jnp.add, carry, (g, *aux)), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params), jnp.zeros((), F32), jnp.zeros((), F32))
-        (grads, nll, n), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), jax.tree.map(split, batch)))
-        return grads, nll, n
+        micro0 = jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch)
+        _, aux_shapes = jax.eval_shape(lambda: loss_fn(lora.merge(frozen, params), micro0, key, reference))
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), (params, *aux_shapes))
+        (grads, n, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), jax.tree.map(split, batch)))
+        return grads, n, sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grads, nll, n = gradients(state.params, state.frozen, batch, state.step)
+        grads, n, sums = gradients(state.params, state.frozen, state.reference, batch, state.step)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        loss = nll / denom
+        means = {k: v if k == "tokens" else v / denom for k, v in sums.items()}
+        loss = means["loss"]
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), frozen=state.frozen)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(schedule_count(state.opt_state, state.step)), tokens=n,
+                               opt_state=keep(opt_state, state.opt_state), frozen=state.frozen,
+                               reference=state.reference)
+        metrics = dict(means, grad_norm=grad_norm, lr=schedule(schedule_count(state.opt_state, state.step)),
                        finite=finite.astype(jnp.int32))
         return new_state, metrics
 
@@ -168,10 +195,11 @@ def _init_model(model: Llama) -> Llama:
 
 
 def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout,
-                    adapters_only: bool = False) -> tuple[TrainState, TrainState]:
+                    adapters_only: bool = False, reference_boxed: Any = None) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings) from boxed abstract params (``jaxllama.model.llama.abstract_params``):
     parameters by their logical names, moments like their params. ``adapters_only`` (LoRA): the
-    adapter leaves are the trained params, the rest is ``frozen``."""
+    adapter leaves are the trained params, the rest is ``frozen``. ``reference_boxed`` (DPO with a
+    separate reference): the reference's boxed abstract params, sharded by their names too."""
     param_sh = layout.tree_shardings(boxed)
     params = nn.unbox(boxed)
     frozen = frozen_sh = None
@@ -179,8 +207,13 @@ def state_shardings(boxed: Any, tx: optax.GradientTransformation, layout: Layout
         (params, frozen), (param_sh, frozen_sh) = lora.split(params), lora.split(param_sh)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(tx, opt, param_sh, layout.replicated())
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt, frozen=frozen)
-    return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh, frozen=frozen_sh)
+    ref = ref_sh = None
+    if reference_boxed is not None:
+        ref, ref_sh = nn.unbox(reference_boxed), layout.tree_shardings(reference_boxed)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt, frozen=frozen,
+                          reference=ref)
+    return abstract, TrainState(step=layout.replicated(), params=param_sh, opt_state=opt_sh, frozen=frozen_sh,
+                                reference=ref_sh)
 
 
 def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainState, seed: int,

@@ -41,7 +41,8 @@ def load_train_config(path: str | None = None, overrides: list[str] | tuple[str,
     return cfg
 
 
-def compare_models(stored: ModelConfig, cfg: ModelConfig, where: str, say: Callable[[str], None]) -> None:
+def compare_models(stored: ModelConfig, cfg: ModelConfig, where: str, say: Callable[[str], None],
+                   key: str = "train.init_from") -> None:
     """Shape differences are an error naming every field; other architecture differences are reported."""
     def diff(fields):
         return [f"model.{k}: checkpoint {getattr(stored, k)!r}, config {getattr(cfg, k)!r}"
@@ -49,34 +50,36 @@ def compare_models(stored: ModelConfig, cfg: ModelConfig, where: str, say: Calla
 
     shapes = diff(SHAPE_FIELDS)
     if shapes:
-        raise ConfigError(f"train.init_from: {where} does not fit the model config: {'; '.join(shapes)} "
+        raise ConfigError(f"{key}: {where} does not fit the model config: {'; '.join(shapes)} "
                           "(set model.preset or the model.* fields to the checkpoint's)")
     scaled = "llama3" in (stored.rope_type, cfg.rope_type)  # the factors mean nothing without llama3 scaling
     others = diff(f for f in FUNCTION_FIELDS if scaled or not f.startswith(("rope_factor", "rope_low", "rope_high",
                                                                              "rope_original")))
     if others:
-        say(f"train.init_from: {where} differs from the config in {'; '.join(others)}; training uses the config's")
+        say(f"{key}: {where} differs from the config in {'; '.join(others)}; training uses the config's")
 
 
-def initial_params(cfg: Config, shardings: Any, say: Callable[[str], None] = print) -> Any:
-    """The parameters of ``cfg.train.init_from``, in ``model.param_dtype``, placed per ``shardings``."""
+def initial_params(cfg: Config, shardings: Any, say: Callable[[str], None] = print, path: str | None = None,
+                   key: str = "train.init_from") -> Any:
+    """The parameters of ``path`` (default ``cfg.train.init_from``; ``key`` names the setting in errors), in
+    ``model.param_dtype``, placed per ``shardings``."""
     from jaxllama.convert.api import detect_format
 
-    path = cfg.train.init_from
+    path = path or cfg.train.init_from
     dtype = jax.numpy.dtype(cfg.model.param_dtype)
     try:
         fmt = detect_format(path)
     except ConfigError as e:
-        raise ConfigError(f"train.init_from: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
     if fmt == "jaxllama":
         from jaxllama.checkpoint import load_params
         from jaxllama.checkpoint.params import load_model_config
 
-        compare_models(load_model_config(path), cfg.model, path, say)  # before reading any array
+        compare_models(load_model_config(path), cfg.model, path, say, key)  # before reading any array
         params, _ = load_params(path, shardings=shardings, dtype=dtype)
         return params
     from jaxllama.convert.api import load_model
 
     loaded = load_model(path)
-    compare_models(loaded.model_cfg, cfg.model, path, say)
+    compare_models(loaded.model_cfg, cfg.model, path, say, key)
     return place(loaded.params, shardings, dtype)

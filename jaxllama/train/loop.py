@@ -44,7 +44,10 @@ class Trainer:
         """With ``init=False`` the state is abstract (shapes + shardings): a restore fills it without
         first allocating a random copy, so resuming never needs twice the state's memory."""
         program = build_program(cfg, devices)
-        return cls(program, program.init_state() if init else program.abstract_inputs()[0])
+        trainer = cls(program, program.init_state() if init else program.abstract_inputs()[0])
+        if init:
+            trainer._attach_reference(print)
+        return trainer
 
     cfg = property(lambda self: self.program.cfg)
     arch = property(lambda self: self.program.arch)
@@ -72,26 +75,40 @@ class Trainer:
         their shards. LoRA: fresh adapters (a zero delta) over the base weights."""
         if self.lora:
             self.state = self.program.init_state(frozen=self.base_weights(say))
-            return
-        if not self.cfg.train.init_from:
+        elif not self.cfg.train.init_from:
             self.state = self.program.init_state()
+        else:
+            from jaxllama.train.init_from import initial_params
+
+            sh = self.state_shardings
+            params = initial_params(self.cfg, sh.params, say)
+            opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
+            step = jax.device_put(np.zeros((), np.int32), sh.step)
+            self.state = TrainState(step=step, params=params, opt_state=opt_state)
+        self._attach_reference(say)
+
+    def attach_base(self, say: Callable[[str], None] = print) -> None:
+        """After a resume (checkpoints hold the trained leaves and their optimizer state only): a LoRA
+        run's base, and a DPO run's separate reference."""
+        if self.lora:
+            frozen = self.base_weights(say)
+            if frozen is None:
+                frozen = self.program.init_base()
+            self.state = self.state.replace(frozen=frozen)
+        self._attach_reference(say)
+
+    def _attach_reference(self, say: Callable[[str], None]) -> None:
+        """DPO with ``train.dpo.reference=separate``: the reference weights (``train.dpo.reference_path``,
+        default ``train.init_from``), frozen, sharded like the policy."""
+        sh = self.state_shardings.reference
+        if sh is None:
             return
         from jaxllama.train.init_from import initial_params
 
-        sh = self.state_shardings
-        params = initial_params(self.cfg, sh.params, say)
-        opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
-        step = jax.device_put(np.zeros((), np.int32), sh.step)
-        self.state = TrainState(step=step, params=params, opt_state=opt_state)
-
-    def attach_base(self, say: Callable[[str], None] = print) -> None:
-        """After a LoRA resume (checkpoints hold the adapters and their optimizer state only): the base."""
-        if not self.lora:
-            return
-        frozen = self.base_weights(say)
-        if frozen is None:
-            frozen = self.program.init_base()
-        self.state = self.state.replace(frozen=frozen)
+        t = self.cfg.train
+        path = t.dpo.reference_path or t.init_from
+        key = "train.dpo.reference_path" if t.dpo.reference_path else "train.init_from"
+        self.state = self.state.replace(reference=initial_params(self.cfg, sh, say, path=path, key=key))
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return self.program.batch.to_global(local)

@@ -94,6 +94,9 @@ def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
     return 0.0, f"unknown for {kind}: set train.peak_flops"
 
 
+# what every train step reports; anything else in its metrics is logged as its mean over the interval
+STEP_KEYS = frozenset({"loss", "grad_norm", "lr", "tokens", "finite"})
+
 class MetricsWriter:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, mirrored to TensorBoard."""
 
@@ -210,6 +213,8 @@ class MetricsLog:
             lr=float(fetched[-1]["lr"]), tokens_per_s=tps, mfu=per_device * self.flops,
             mfu_noncausal=per_device * self.flops_nc, step_time_s=elapsed / len(fetched),
             skipped_nonfinite=self.skipped)
+        for key in sorted(set(fetched[-1]) - STEP_KEYS):  # the objective's own (preference: rewards, logps)
+            record[key] = float(np.mean([m[key] for m in finite])) if finite else math.nan
         if self.source.efficiency is not None:
             record["packing_efficiency"] = self.source.efficiency
         encoder = getattr(self.source, "encoder", None)

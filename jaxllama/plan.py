@@ -135,7 +135,9 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
     act = estimate_activations(arch, sizes, cfg.data.seq_len, cfg.data.global_batch, cfg.train.grad_accum,
                                cfg.train.loss_chunk)
     grads = per_device_bytes(abstract.params, shardings.params)  # of the trained params only, sharded like them
-    total = params + opt + grads + gathered + act.total
+    # DPO with a separate reference: its frozen weights (its forward pass keeps no activations)
+    ref = per_device_bytes(abstract.reference, shardings.reference) if abstract.reference is not None else 0
+    total = params + opt + grads + ref + gathered + act.total
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     out = dict(preset=cfg.model.preset, params=count(whole), trainable=count(abstract.params),
                lora_rank=arch.lora_rank,
@@ -144,7 +146,7 @@ def plan(cfg: Config, devices: int | None = None, device_memory: int | None = No
                flops_per_token=flops_per_token(arch, cfg.data.seq_len),
                flops_per_token_noncausal=flops_per_token(arch, cfg.data.seq_len, causal=False),
                seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch, grad_accum=cfg.train.grad_accum,
-               param_bytes=params, opt_bytes=opt, grad_bytes=grads, gathered_bytes=gathered,
+               param_bytes=params, opt_bytes=opt, grad_bytes=grads, reference_bytes=ref, gathered_bytes=gathered,
                act_saved_bytes=act.saved, act_peak_bytes=act.layer_peak, loss_bytes=act.loss,
                total_bytes=total, device_memory=device_memory)
     if device_memory is not None:
@@ -184,6 +186,8 @@ def format_plan(p: dict) -> str:
         + (f"; the frozen base and LoRA adapters)" if p.get("lora_rank") else ")"),
         f"  optimizer       {g(p['opt_bytes'])}   (AdamW moments of the trained parameters, sharded like them)",
         f"  gradients       {g(p['grad_bytes'])}" + ("   (adapters only)" if p.get("lora_rank") else ""),
+        *([f"  DPO reference   {g(p['reference_bytes'])}   (a separate frozen copy, sharded like the policy)"]
+          if p.get("reference_bytes") else []),
         f"  gathered layers {g(p['gathered_bytes'])}   (FSDP all-gather of ~2 layers' weights)",
         f"  activations     {g(p['act_saved_bytes'])}   (kept for backward, all layers; estimate)",
         f"  layer transient {g(p['act_peak_bytes'])}   (one layer being recomputed/differentiated)",
@@ -211,7 +215,8 @@ def format_info(info: dict) -> str:
         f"mesh:             {mesh} ({info['devices']} devices)",
         f"per device:       params {info['param_bytes'] / gib:.3f} GiB + optimizer "
         f"{info['opt_bytes'] / gib:.3f} GiB = {state / gib:.3f} GiB"
-        + (f" (+ gradients {info['grad_bytes'] / gib:.4f} GiB)" if info.get("lora_rank") else ""),
+        + (f" (+ gradients {info['grad_bytes'] / gib:.4f} GiB)" if info.get("lora_rank") else "")
+        + (f" (+ DPO reference {info['reference_bytes'] / gib:.3f} GiB)" if info.get("reference_bytes") else ""),
         f"train FLOPs/token: {info['flops_per_token']:.4g} at data.seq_len={info['seq_len']} "
         f"(non-causal {info['flops_per_token_noncausal']:.4g}; set data.seq_len and data.global_batch to plan your run)",
     ])

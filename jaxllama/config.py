@@ -159,7 +159,7 @@ class LoraConfig:
 
 OBJECTIVES = ("lm", "dpo", "simpo")
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
-DPO_REFERENCES = ("auto", "base", "separate")
+DPO_REFERENCES = ("auto", "base", "separate", "cached")
 
 
 @dataclass
@@ -170,6 +170,7 @@ class DpoConfig:
     loss: str = "sigmoid"  # sigmoid (with label_smoothing: cDPO) | robust | hinge | ipo
     label_smoothing: float = 0.0
     reference: str = "auto"  # auto: base with LoRA, else separate | base (the frozen base, adapters off) | separate
+    # | cached (one pass stores the reference's log-probabilities of every sequence: no reference in training)
     reference_path: str | None = None  # separate: the reference's weights (default: train.init_from)
     simpo_gamma: float = 0.5  # simpo: the target reward margin
 
@@ -516,15 +517,18 @@ def _validate_objective(cfg: Config) -> None:
     if p.reference == "base" and not t.lora.rank:
         raise ConfigError("train.dpo.reference=base is the frozen base seen without the adapters: it needs LoRA "
                           "(train.lora.rank); without it use train.dpo.reference=separate")
-    if reference_mode(cfg) == "separate" and not (p.reference_path or t.init_from):
-        raise ConfigError("train.dpo.reference=separate needs weights: set train.dpo.reference_path (or "
-                          "train.init_from, which it defaults to)")
+    mode = reference_mode(cfg)
+    if (mode == "separate" or (mode == "cached" and not t.lora.rank)) and not (p.reference_path or t.init_from):
+        raise ConfigError(f"train.dpo.reference={mode} needs the reference's weights: set train.dpo.reference_path "
+                          "(or train.init_from, which it defaults to)")
     if p.reference_path and "://" not in p.reference_path and not Path(p.reference_path).expanduser().exists():
         raise ConfigError(f"train.dpo.reference_path: {p.reference_path}: no such file or folder")
 
 
 def reference_mode(cfg: Config) -> str:
-    """How a DPO run gets its reference: ``base`` (LoRA's frozen base, no second copy) or ``separate``."""
+    """How a DPO run gets its reference: ``base`` (LoRA's frozen base, no second copy), ``separate``, or
+    ``cached`` (log-probabilities computed once before training, from the base with LoRA and no
+    ``train.dpo.reference_path``, else from that path or ``train.init_from``)."""
     ref = cfg.train.dpo.reference
     return ("base" if cfg.train.lora.rank else "separate") if ref == "auto" else ref
 

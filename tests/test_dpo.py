@@ -282,3 +282,22 @@ def test_cli_simpo_and_bad_inputs(pref_data, tmp_path):
         r = run_cli("train", *common, *extra, f"run_dir={tmp_path / 'x'}")
         assert r.returncode != 0 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert len(r.stderr.strip().splitlines()) <= 3, r.stderr
+
+
+def test_cached_reference_equals_the_live_one_and_is_reused(pref_data, tmp_path):
+    """reference=cached trains exactly like reference=base (the table holds the same values the live
+    reference computes), and a resumed run reads the table instead of recomputing it."""
+    from jaxllama.train.loop import train
+
+    extra = ["train.lora.rank=4", "optim.schedule=constant", "train.log_every=1"]
+    live = train(dpo_cfg(pref_data, *extra, "train.steps=4", f"run_dir={tmp_path / 'live'}"), out=lambda _: None)
+    said: list[str] = []
+    train(dpo_cfg(pref_data, *extra, "train.dpo.reference=cached", "train.steps=2", f"run_dir={tmp_path / 'c'}"),
+          out=said.append)
+    assert any("computed in" in s for s in said) and (tmp_path / "c" / "reference_logps.npz").exists()
+    said.clear()
+    cached = train(dpo_cfg(pref_data, *extra, "train.dpo.reference=cached", "train.steps=4", f"run_dir={tmp_path / 'c'}"),
+                   out=said.append)
+    assert any("read from" in s for s in said) and not any("computed in" in s for s in said)
+    for a, b in zip(live["history"][2:], cached["history"]):
+        np.testing.assert_allclose([b["loss"], b["reward_margin"]], [a["loss"], a["reward_margin"]], rtol=1e-5, atol=1e-7)

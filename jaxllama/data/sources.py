@@ -45,8 +45,9 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_source(cfg: Config, split: str = "train", process_index: int | None = None,
-                process_count: int | None = None) -> BatchSource:
-    """The batch iterator for ``split`` ("train": endless; "eval": one pass over the eval documents).
+                process_count: int | None = None, one_pass: bool = False) -> BatchSource:
+    """The batch iterator for ``split`` ("train": endless; "eval": one pass over the eval documents;
+    ``one_pass``: the training documents once, unshuffled, e.g. for a DPO reference cache).
 
     Eval data is ``data.eval_source`` when set, else the held-out ``data.eval_fraction`` of
     ``data.source``; asking for eval with neither is a one-line error.
@@ -79,7 +80,7 @@ def make_source(cfg: Config, split: str = "train", process_index: int | None = N
 
     tok = open_tokenizer(cfg, spec.kind)
     return TextSource(spec, d, tok, local_batch=local, seed=cfg.train.seed, process_index=pi, process_count=pc,
-                      split=tfds_split, holdout=holdout, finite=split == "eval", key=key)
+                      split=tfds_split, holdout=holdout, finite=split == "eval" or one_pass, key=key)
 
 
 def parse_source(text: str, key: str = "data.source") -> SourceSpec:

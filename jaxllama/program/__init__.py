@@ -43,19 +43,26 @@ class BatchSpec:
     rows: int
     seq_len: int
     sharding: Any
+    extra: tuple = ()  # (key, trailing shape, dtype) of per-row arrays beyond the token rows (DPO: ref_logps)
 
-    def shardings(self) -> dict[str, Any]:
-        return {k: self.sharding for k in BATCH_DTYPES}
+    def _keys(self, extra: bool = True) -> dict[str, tuple]:
+        keys = {k: ((self.seq_len,), dt) for k, dt in BATCH_DTYPES.items()}
+        keys.update({k: (tail, dt) for k, tail, dt in self.extra} if extra else {})
+        return keys
+
+    def shardings(self, extra: bool = True) -> dict[str, Any]:
+        return {k: self.sharding for k in self._keys(extra)}
 
     def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return {k: jax.ShapeDtypeStruct((self.rows, self.seq_len), dt, sharding=self.sharding)
-                for k, dt in BATCH_DTYPES.items()}
+        return {k: jax.ShapeDtypeStruct((self.rows, *tail), dt, sharding=self.sharding)
+                for k, (tail, dt) in self._keys().items()}
 
     def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows -> global arrays split over the batch axes (every process calls it)."""
+        """This process's rows -> global arrays split over the batch axes (every process calls it).
+        The extra keys are taken when ``local`` has them (eval batches have none)."""
         return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(local[k], dt),
                                                           (self.rows,) + np.shape(local[k])[1:])
-                for k, dt in BATCH_DTYPES.items()}
+                for k, (_, dt) in self._keys().items() if k in local}
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +150,8 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     ref_boxed = abstract_params(reference_arch(arch)) if reference == "separate" else None
     abstract, shardings = state_shardings(boxed, tx, layout, adapters_only=arch.lora_rank > 0,
                                           reference_boxed=ref_boxed)
-    batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding())
+    extra = (("ref_logps", (2 * d.pairs_per_row,), np.float32),) if reference == "cached" else ()
+    batch = BatchSpec(d.global_batch, d.seq_len, layout.batch_sharding(), extra)
     lm_loss_fn = make_loss_fn(model, arch, d.seq_len, t.z_loss, t.loss_chunk, unroll_loss)
     loss_fn = lm_loss_fn
     if t.objective != "lm":
@@ -160,7 +168,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
         _, (n_tokens, sums) = lm_loss_fn(params, batch)
         return sums["loss"], n_tokens
 
-    eval_step = jax.jit(eval_fn, in_shardings=(shardings.model_tree(), batch.shardings()),
+    eval_step = jax.jit(eval_fn, in_shardings=(shardings.model_tree(), batch.shardings(extra=False)),
                         out_shardings=(layout.replicated(), layout.replicated()))
     return Program(cfg, plan, layout, arch, model, tx, schedule, abstract, shardings, batch, loss_fn,
                    train_step, eval_step)

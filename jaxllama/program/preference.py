@@ -61,32 +61,50 @@ def pair_loss(pc, pr, counts_c, counts_r, rc, rr, d: Any, objective: str) -> tup
     return loss, beta * chosen, beta * rejected
 
 
-def make_preference_loss_fn(model: Llama, a: Arch, seq_len: int, d: Any, objective: str, pairs_per_row: int,
-                            reference: str, loss_chunk: int = 0) -> Callable:
-    """``loss_fn(params, batch, rng, reference_params) -> (loss_sum, (n_pairs, sums))`` (see
-    :func:`jaxllama.program.step.make_loss_fn`). ``reference``: ``base`` (the adapters of ``params``
-    left out), ``separate`` (``reference_params``), or none for SimPO."""
+def make_reference_logps(model: Llama, a: Arch, seq_len: int, pairs_per_row: int, reference: str,
+                         loss_chunk: int = 0) -> Callable:
+    """``fn(params, batch, reference_params) -> [rows, 2 * pairs]`` sequence log-probabilities of the
+    reference: ``base`` (``params`` without its adapters) or ``separate`` (``reference_params``)."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
     # base: the policy's frozen tree without adapters (QLoRA: still quantized); separate: a float tree
     ref_arch = dataclasses.replace(a, lora_rank=0, lora_dropout=0.0,
                                    **({} if reference == "base" else {"lora_quantize": "none"}))
     ref_model = model.clone(a=ref_arch)
 
-    def logps(m: Llama, arch: Arch, params: Any, batch: dict, rng: Any) -> tuple[jax.Array, jax.Array]:
-        hidden = m.apply({"params": model_params(params, arch)}, batch["tokens"], batch["positions"],
-                         batch["segment_ids"], method=Llama.hidden, rngs=None if rng is None else {"dropout": rng})
-        nll = chunked_token_nll(hidden, head_kernel(params, arch), batch["targets"], chunk, arch.dtype)
-        return sequence_sums(-nll, batch, pairs_per_row)
+    def fn(params, batch, reference_params=None):
+        tree = lora.split(params)[1] if reference == "base" else reference_params
+        return _logps(ref_model, ref_arch, jax.lax.stop_gradient(tree), batch, None, chunk, pairs_per_row)[0]
+
+    return fn
+
+
+def _logps(m: Llama, arch: Arch, params: Any, batch: dict, rng: Any, chunk: int,
+           pairs_per_row: int) -> tuple[jax.Array, jax.Array]:
+    hidden = m.apply({"params": model_params(params, arch)}, batch["tokens"], batch["positions"],
+                     batch["segment_ids"], method=Llama.hidden, rngs=None if rng is None else {"dropout": rng})
+    nll = chunked_token_nll(hidden, head_kernel(params, arch), batch["targets"], chunk, arch.dtype)
+    return sequence_sums(-nll, batch, pairs_per_row)
+
+
+def make_preference_loss_fn(model: Llama, a: Arch, seq_len: int, d: Any, objective: str, pairs_per_row: int,
+                            reference: str, loss_chunk: int = 0) -> Callable:
+    """``loss_fn(params, batch, rng, reference_params) -> (loss_sum, (n_pairs, sums))`` (see
+    :func:`jaxllama.program.step.make_loss_fn`). ``reference``: ``base`` (the adapters of ``params``
+    left out), ``separate`` (``reference_params``), ``cached`` (``batch["ref_logps"]``), or none (SimPO)."""
+    chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
+    ref_fn = make_reference_logps(model, a, seq_len, pairs_per_row, reference, loss_chunk) \
+        if reference in ("base", "separate") else None
 
     def loss_fn(params, batch, rng=None, reference_params=None):
-        sums, counts = logps(model, a, params, batch, rng)
+        sums, counts = _logps(model, a, params, batch, rng, chunk, pairs_per_row)
         pc, pr, nc, nr = sums[:, 0::2], sums[:, 1::2], counts[:, 0::2], counts[:, 1::2]
         if objective == "simpo":
-            rc = rr = jnp.zeros_like(pc)
+            ref = jnp.zeros_like(sums)
+        elif reference == "cached":
+            ref = batch["ref_logps"]
         else:
-            ref_tree = lora.split(params)[1] if reference == "base" else reference_params
-            ref, _ = logps(ref_model, ref_arch, jax.lax.stop_gradient(ref_tree), batch, None)
-            rc, rr = ref[:, 0::2], ref[:, 1::2]
+            ref = ref_fn(params, batch, reference_params)
+        rc, rr = ref[:, 0::2], ref[:, 1::2]
         valid = ((nc > 0) & (nr > 0)).astype(F32)  # padding rows and unused pair slots count for nothing
         loss, r_c, r_r = pair_loss(pc, pr, nc, nr, rc, rr, d, objective)
         n = jnp.sum(valid)

@@ -235,6 +235,10 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         say(f"done: already trained to step {start} (train.steps={t.steps}); run dir {run_dir}")
         return dict(steps=start, history=[], run_dir=str(run_dir), preempted=False, resumed_from=start,
                     line=f"already at step {start}")
+    if trainer.program.batch.extra:  # train.dpo.reference=cached: batches carry the reference's values
+        from jaxllama.train.reference_cache import cached_source
+
+        source = cached_source(trainer, source, run_dir, say)
     log = MetricsLog(trainer.program, run_dir, source, start, is_main, say)
     a = trainer.arch
     say(f"jaxllama: {cfg.model.preset} ({a.dtype} compute, attention {a.attention}) on {trainer.program.plan.size} "

@@ -507,9 +507,9 @@ def _validate_objective(cfg: Config) -> None:
     _positive("data.pairs_per_row", d.pairs_per_row)
     if not 0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"train.dpo.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
-    if (t.objective != "lm") != (d.format == "preference"):
+    if t.objective != "lm" and d.format != "preference":
         raise ConfigError(f"train.objective={t.objective} with data.format={d.format}: preference objectives "
-                          "(dpo, simpo) train on data.format=preference, and preference data needs one of them")
+                          "(dpo, simpo) train on data.format=preference")
     if t.objective != "dpo":
         return
     if d.packing != "pack":

@@ -18,8 +18,8 @@ from jaxllama.data.chat_data import BadRecord
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.program.preference import make_preference_loss_fn
 
-torch = pytest.importorskip("torch")
-trl = pytest.importorskip("trl")
+import torch  # noqa: E402 (the test extra installs torch and trl: these are references, never skipped)
+import trl  # noqa: F401
 PAIRS = [{"prompt": "the cat sat", "chosen": " yes good", "rejected": " no bad answer"},
          {"prompt": "dog ran", "chosen": " good", "rejected": " bad is bad"},
          {"prompt": "the mat", "chosen": " is good answer", "rejected": " is bad"}]
@@ -245,6 +245,16 @@ def test_lora_dpo_reference_is_the_base_without_adapters(pref_data, tmp_path):
                                       None, sep.state.reference)[1]
     for k in m1[1]:
         np.testing.assert_allclose(m1[1][k], m2[1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # a step moves the adapters only: the frozen base and the separate reference come out unchanged
+    frozen, ref = jax.tree.map(np.array, base.state.frozen), jax.tree.map(np.array, sep.state.reference)
+    before = jax.tree.map(np.array, base.state.params)
+    state, _ = base.program.train_step(base.state, batch)
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.frozen)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
+    state, _ = sep.program.train_step(sep.state, batch)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.reference)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_separate_reference_full_dpo_resumes_exactly(pref_data, tmp_path):
@@ -301,3 +311,10 @@ def test_cached_reference_equals_the_live_one_and_is_reused(pref_data, tmp_path)
     assert any("read from" in s for s in said) and not any("computed in" in s for s in said)
     for a, b in zip(live["history"][2:], cached["history"]):
         np.testing.assert_allclose([b["loss"], b["reward_margin"]], [a["loss"], a["reward_margin"]], rtol=1e-5, atol=1e-7)
+
+
+def test_data_inspect_shows_both_sides(pref_data):
+    r = run_cli("data", "inspect", f"data.source={pref_data / 'pairs.jsonl'}", "data.format=preference",
+                f"data.tokenizer={pref_data / 'policy'}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "chosen:" in r.stdout and "rejected:" in r.stdout and "[[" in r.stdout

@@ -249,6 +249,13 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
             seen += 1
             if seen <= skip:
                 continue
+            if d.format == "preference":  # a pair: both sides, each with its trained tokens marked
+                for side, (ids, mask) in zip(("chosen", "rejected"), doc):
+                    out.append(f"== {where} {side}: {ids.size} tokens, {int(mask[1:].sum())} trained")
+                    out.append(show(tok, ids, mask, color))
+                if seen - skip >= count:
+                    return "\n".join(out)
+                continue
             ids, mask = doc
             out.append(f"== {where}: {ids.size} tokens, {int(mask[1:].sum())} trained (loss_on={d.loss_on}"
                        f"{', truncated' if enc and ids.size == d.seq_len + 1 and enc.truncated else ''})")

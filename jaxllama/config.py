@@ -533,6 +533,14 @@ def reference_mode(cfg: Config) -> str:
     return ("base" if cfg.train.lora.rank else "separate") if ref == "auto" else ref
 
 
+def reference_weights(cfg: Config) -> tuple[str, str]:
+    """(path, the setting that names it) of a DPO reference read from disk: ``train.dpo.reference_path``,
+    default ``train.init_from``."""
+    t = cfg.train
+    return (t.dpo.reference_path, "train.dpo.reference_path") if t.dpo.reference_path else \
+        (t.init_from, "train.init_from")
+
+
 def _validate_lora(lora: LoraConfig) -> None:
     if lora.rank < 0:
         raise ConfigError(f"train.lora.rank: must be >= 0 (0: no adapters), got {lora.rank}")

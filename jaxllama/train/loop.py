@@ -103,11 +103,10 @@ class Trainer:
         sh = self.state_shardings.reference
         if sh is None:
             return
+        from jaxllama.config import reference_weights
         from jaxllama.train.init_from import initial_params
 
-        t = self.cfg.train
-        path = t.dpo.reference_path or t.init_from
-        key = "train.dpo.reference_path" if t.dpo.reference_path else "train.init_from"
+        path, key = reference_weights(self.cfg)
         self.state = self.state.replace(reference=initial_params(self.cfg, sh, say, path=path, key=key))
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

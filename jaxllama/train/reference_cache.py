@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,8 +124,6 @@ def cached_source(trainer: Any, source: Any, run_dir: Path, say: Callable[[str],
 
 def build_table(trainer: Any, say: Callable[[str], None]) -> dict[bytes, float]:
     """One unshuffled pass over the training pairs through the reference: key -> log-probability."""
-    import time
-
     from jaxllama.data.sources import make_source
     from jaxllama.model.llama import abstract_params
     from jaxllama.program import reference_arch
@@ -136,12 +135,12 @@ def build_table(trainer: Any, say: Callable[[str], None]) -> dict[bytes, float]:
     ref_params = None
     mode = "base" if t.lora.rank and not t.dpo.reference_path else "separate"
     if mode == "separate":
+        from jaxllama.config import reference_weights
         from jaxllama.train.init_from import initial_params
 
         sh = program.layout.tree_shardings(abstract_params(reference_arch(program.arch)))
-        path = t.dpo.reference_path or t.init_from
-        ref_params = initial_params(cfg, sh, say, path=path,
-                                    key="train.dpo.reference_path" if t.dpo.reference_path else "train.init_from")
+        path, key = reference_weights(cfg)
+        ref_params = initial_params(cfg, sh, say, path=path, key=key)
     fn = jax.jit(make_reference_logps(program.model, program.arch, d.seq_len, d.pairs_per_row, mode, t.loss_chunk))
     params = trainer.state.model_tree()
     table: dict[bytes, float] = {}

@@ -5,7 +5,8 @@ rows each packed with preference pairs (random tokens, responses masked) exactly
 packs them. Variants, each in its own process, one device, float32: ``sft`` (LoRA, the next-token loss
 on the same rows), ``dpo_base`` (LoRA, the reference is the base without adapters: a second forward
 pass), ``dpo_cached`` (LoRA, reference log-probabilities in the batch: no reference pass),
-``dpo_separate`` (full fine-tuning, a separate frozen reference), ``simpo`` (LoRA, no reference).
+``dpo_separate`` (full fine-tuning, a separate frozen reference), ``simpo`` and ``orpo`` (LoRA, no
+reference).
 Reported: tokens/s (of row positions), and per-device memory from ``jaxllama info``'s plan.
 
     python benchmarks/dpo_throughput.py --seq-len 256 --batch 4 --steps 4
@@ -29,7 +30,7 @@ LORA = ["train.lora.rank=16", "train.lora.alpha=32"]
 VARIANTS = {"sft": LORA, "dpo_base": [*LORA, "train.objective=dpo", "train.dpo.reference=base"],
             "dpo_cached": [*LORA, "train.objective=dpo", "train.dpo.reference=cached"],
             "dpo_separate": ["train.objective=dpo", "train.dpo.reference=separate"],
-            "simpo": [*LORA, "train.objective=simpo"]}
+            "simpo": [*LORA, "train.objective=simpo"], "orpo": [*LORA, "train.objective=orpo"]}
 
 
 def pair_rows(seq_len: int, rows: int, pairs_per_row: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -157,16 +157,16 @@ class LoraConfig:
     group_size: int = 128  # int4: input rows per scale
 
 
-OBJECTIVES = ("lm", "dpo", "simpo")
+OBJECTIVES = ("lm", "dpo", "simpo", "orpo")
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 DPO_REFERENCES = ("auto", "base", "separate", "cached")
 
 
 @dataclass
 class DpoConfig:
-    """Preference tuning (``train.objective=dpo|simpo`` on ``data.format=preference``), TRL's definitions."""
+    """Preference tuning (``train.objective=dpo|simpo|orpo`` on ``data.format=preference``), TRL's definitions."""
 
-    beta: float = 0.1
+    beta: float = 0.1  # dpo, simpo: the reward scale; orpo: the weight of the odds-ratio term (lambda)
     loss: str = "sigmoid"  # sigmoid (with label_smoothing: cDPO) | robust | hinge | ipo
     label_smoothing: float = 0.0
     reference: str = "auto"  # auto: base with LoRA, else separate | base (the frozen base, adapters off) | separate
@@ -191,7 +191,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evals (when eval data is configured); 0: only at the end
     eval_batches: int = 0  # batches per eval; 0: one whole pass over the eval data (synthetic: 8)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    objective: str = "lm"  # lm (next-token loss) | dpo | simpo (preference pairs)
+    objective: str = "lm"  # lm (next-token loss) | dpo | simpo | orpo (preference pairs)
     dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
@@ -509,7 +509,9 @@ def _validate_objective(cfg: Config) -> None:
         raise ConfigError(f"train.dpo.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
     if t.objective != "lm" and d.format != "preference":
         raise ConfigError(f"train.objective={t.objective} with data.format={d.format}: preference objectives "
-                          "(dpo, simpo) train on data.format=preference")
+                          "(dpo, simpo, orpo) train on data.format=preference")
+    if t.objective == "orpo" and p.label_smoothing:
+        raise ConfigError("train.dpo.label_smoothing: ORPO has none (it applies to dpo sigmoid/robust and simpo)")
     if t.objective != "dpo":
         return
     if d.packing != "pack":

@@ -1,4 +1,5 @@
-"""Preference tuning: DPO losses and rewards equal TRL's ``DPOTrainer`` (and SimPO TRL's ``CPOTrainer``) on
+"""Preference tuning: DPO losses and rewards equal TRL's ``DPOTrainer`` (SimPO TRL's ``CPOTrainer``, ORPO its
+``ORPOTrainer``) on
 the same weights and tokens; pairs pack whole; the reference is the frozen base without adapters or a
 separate checkpoint; ``jaxllama train train.objective=dpo`` works from the CLI, resumes exactly, and
 bad preference records are one-line errors naming file:line."""
@@ -116,6 +117,31 @@ def test_simpo_equals_trl_cpo(hf_pair):
     np.testing.assert_allclose(ours["loss"], float(losses.mean()), rtol=1e-5)
     np.testing.assert_allclose(ours["reward_chosen"], float(r_c.mean()), rtol=1e-5)
     np.testing.assert_allclose(ours["reward_rejected"], float(r_r.mean()), rtol=1e-5)
+
+
+def test_orpo_equals_trl_orpo(hf_pair):
+    """ORPO: TRL's ORPOTrainer.odds_ratio_loss on TRL's averaged log-probabilities, plus the chosen responses'
+    cross-entropy (token mean over the batch; ours covers the response tokens, see program/preference.py)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    batch, _, _ = trl_metrics(hf_pair, beta=0.5)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = hf_pair[1](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    avg = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    n = len(PAIRS)
+    orpo = object.__new__(ORPOTrainer)
+    orpo.__dict__.update(beta=0.3, accelerator=SimpleNamespace(device="cpu"))
+    losses, r_c, r_r, _, _ = orpo.odds_ratio_loss(avg[:n], avg[n:])
+    nll = torch.nn.functional.cross_entropy(logits[:n, :-1].reshape(-1, logits.shape[-1]), labels[:n, 1:].reshape(-1))
+    ours = jax_loss(hf_pair, jax_batch(batch), objective="orpo", beta=0.3)
+    np.testing.assert_allclose(ours["loss"], float(nll - losses.mean()), rtol=1e-5)
+    np.testing.assert_allclose(ours["nll_chosen"], float(nll), rtol=1e-5)
+    np.testing.assert_allclose(ours["reward_chosen"], float(r_c.mean()), rtol=1e-5)
+    np.testing.assert_allclose(ours["reward_rejected"], float(r_r.mean()), rtol=1e-5)
+    np.testing.assert_allclose(ours["reward_accuracy"], float((r_c > r_r).float().mean()), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -275,12 +301,18 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "jaxllama.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_simpo_and_bad_inputs(pref_data, tmp_path):
+def test_cli_simpo_orpo_and_bad_inputs(pref_data, tmp_path):
     d = pref_data
     common = [f"train.init_from={d / 'policy'}", "data.format=preference", "data.seq_len=32", "data.global_batch=8",
               "train.steps=2", *QUIET]
-    ok = run_cli("train", *common, f"data.source={d / 'pairs.jsonl'}", "train.objective=simpo", f"run_dir={tmp_path / 's'}")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    for objective in ("simpo", "orpo"):
+        ok = run_cli("train", *common, f"data.source={d / 'pairs.jsonl'}", f"train.objective={objective}",
+                     "train.log_every=1", f"run_dir={tmp_path / objective}")
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        logged = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in logged if "reward_accuracy" in m]
+        assert len(steps) == 2 and all(np.isfinite(m["loss"]) for m in steps), logged
+        assert ("nll_chosen" in steps[0]) == (objective == "orpo")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "the", "chosen": " yes", "rejected": " yes"}) + "\n")
     for extra, match in [([f"data.source={bad}", "train.objective=dpo"], f"{bad}:1"),
@@ -288,7 +320,9 @@ def test_cli_simpo_and_bad_inputs(pref_data, tmp_path):
                          ([f"data.source={d / 'pairs.jsonl'}", "train.objective=dpo", "train.dpo.reference=base"],
                           "train.dpo.reference=base"),
                          ([f"data.source={d / 'pairs.jsonl'}", "train.objective=dpo", "train.dpo.loss=kto"],
-                          "train.dpo.loss")]:
+                          "train.dpo.loss"),
+                         ([f"data.source={d / 'pairs.jsonl'}", "train.objective=orpo", "train.dpo.label_smoothing=0.1"],
+                          "train.dpo.label_smoothing")]:
         r = run_cli("train", *common, *extra, f"run_dir={tmp_path / 'x'}")
         assert r.returncode != 0 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert len(r.stderr.strip().splitlines()) <= 3, r.stderr

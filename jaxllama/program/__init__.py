@@ -131,8 +131,8 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     model = Llama(arch, layout)
     d, t = cfg.data, cfg.train
     if d.format == "preference" and t.objective == "lm":  # data inspect may read pairs; training needs an objective
-        raise ConfigError("train.objective=lm with data.format=preference: pairs train with train.objective=dpo "
-                          "or simpo")
+        raise ConfigError("train.objective=lm with data.format=preference: pairs train with train.objective=dpo, "
+                          "simpo or orpo")
     rows = layout.shards("activation_batch")
     if d.global_batch % (rows * t.grad_accum):
         axes = axis_tuple(layout.mesh_axes("activation_batch"))

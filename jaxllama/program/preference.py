@@ -1,4 +1,4 @@
-"""Preference objectives (``train.objective=dpo|simpo``): DPO and its losses, and SimPO, as TRL defines them.
+"""Preference objectives (``train.objective=dpo|simpo|orpo``): DPO and its losses, SimPO and ORPO, as TRL defines them.
 
 A batch packs pairs whole (:mod:`jaxllama.data.preference`): in every row, segment ``2k + 1`` is the
 chosen and ``2k + 2`` the rejected response of pair k, with ``loss_mask`` on the response tokens. The
@@ -13,6 +13,10 @@ response token. Rewards are ``b (pc - rc)`` and ``b (pr - rr)``. The reference i
 seen without the adapters (``base``, LoRA: no second copy of the weights) or a separate frozen tree.
 SimPO (TRL's ``CPOTrainer``, ``loss_type=simpo``, ``cpo_alpha=0``): reference-free, on the
 per-token average log-probabilities ``ac, ar``: ``-(1 - e) log s(b (ac - ar) - g) - e log s(-(...))``.
+ORPO (TRL's ``ORPOTrainer``): reference-free, the chosen responses' next-token loss (averaged over their
+tokens in the batch) plus ``-b log s(log odds)``, ``log odds = (ac - ar) - (log(1 - e^ac) - log(1 - e^ar))``;
+rewards ``b ac`` and ``b ar``. The next-token term covers the chosen *response* tokens, as the ORPO
+paper's L_SFT does (TRL's covers the prompt too; with ``loss_mask`` on the responses ours cannot tell).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ def pair_loss(pc, pr, counts_c, counts_r, rc, rr, d: Any, objective: str) -> tup
         z = beta * (ac - ar) - d.simpo_gamma
         loss = -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
         return loss, beta * ac, beta * ar
+    if objective == "orpo":  # the odds-ratio term; the chosen responses' next-token loss is added per batch
+        ac, ar = (jnp.minimum(p / jnp.maximum(c, 1), -1e-6) for p, c in ((pc, counts_c), (pr, counts_r)))
+        log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))  # (ac, ar < 0: an unused pair slot stays finite)
+        return -beta * jax.nn.log_sigmoid(log_odds), beta * ac, beta * ar
     chosen, rejected = pc - rc, pr - rr
     delta = chosen - rejected
     if d.loss == "sigmoid":
@@ -59,6 +67,11 @@ def pair_loss(pc, pr, counts_c, counts_r, rc, rr, d: Any, objective: str) -> tup
         ipo = chosen / jnp.maximum(counts_c, 1) - rejected / jnp.maximum(counts_r, 1)
         loss = (ipo - 1 / (2 * beta)) ** 2
     return loss, beta * chosen, beta * rejected
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 - e^x)`` for x < 0, stable on both sides of -ln 2."""
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
 def make_reference_logps(model: Llama, a: Arch, seq_len: int, pairs_per_row: int, reference: str,
@@ -90,7 +103,7 @@ def make_preference_loss_fn(model: Llama, a: Arch, seq_len: int, d: Any, objecti
                             reference: str, loss_chunk: int = 0) -> Callable:
     """``loss_fn(params, batch, rng, reference_params) -> (loss_sum, (n_pairs, sums))`` (see
     :func:`jaxllama.program.step.make_loss_fn`). ``reference``: ``base`` (the adapters of ``params``
-    left out), ``separate`` (``reference_params``), ``cached`` (``batch["ref_logps"]``), or none (SimPO)."""
+    left out), ``separate`` (``reference_params``), ``cached`` (``batch["ref_logps"]``), or none (SimPO, ORPO)."""
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
     ref_fn = make_reference_logps(model, a, seq_len, pairs_per_row, reference, loss_chunk) \
         if reference in ("base", "separate") else None
@@ -98,7 +111,7 @@ def make_preference_loss_fn(model: Llama, a: Arch, seq_len: int, d: Any, objecti
     def loss_fn(params, batch, rng=None, reference_params=None):
         sums, counts = _logps(model, a, params, batch, rng, chunk, pairs_per_row)
         pc, pr, nc, nr = sums[:, 0::2], sums[:, 1::2], counts[:, 0::2], counts[:, 1::2]
-        if objective == "simpo":
+        if objective in ("simpo", "orpo"):
             ref = jnp.zeros_like(sums)
         elif reference == "cached":
             ref = batch["ref_logps"]
@@ -112,6 +125,9 @@ def make_preference_loss_fn(model: Llama, a: Arch, seq_len: int, d: Any, objecti
         out = {"loss": total(loss), "tokens": jnp.sum(counts), "reward_chosen": total(r_c),
                "reward_rejected": total(r_r), "reward_accuracy": total((r_c > r_r).astype(F32)),
                "reward_margin": total(r_c - r_r), "logps_chosen": total(pc), "logps_rejected": total(pr)}
+        if objective == "orpo":  # + the chosen responses' mean next-token loss, weighted so that /n leaves it
+            out["nll_chosen"] = n * -total(pc) / jnp.maximum(total(nc), 1)
+            out["loss"] = out["loss"] + out["nll_chosen"]
         return out["loss"], (n, out)
 
     return loss_fn

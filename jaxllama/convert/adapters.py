@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import numpy as np
 from jaxllama.config import LORA_TARGETS, LoraConfig, ModelConfig
 from jaxllama.convert.common import Source, atomic_output, expected_shape
 from jaxllama.convert.hf_names import LAYER_KERNELS
+from jaxllama.convert.validate import layer_indices, positive_int, positive_number
 from jaxllama.errors import ConfigError
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # HF module name -> our kernel path under layers/ (without /kernel)
 MODULES = {ours.split("/")[1]: ours.rsplit("/", 1)[0] for ours, _ in LAYER_KERNELS}
 _PEFT_KEY = "base_model.model.model.layers.{i}.{hf}.lora_{ab}.weight"
+_PEFT_LAYER_RE = re.compile(r".*\.layers\.(\d+)\.")
 _HF_MODULE = {ours.rsplit("/", 1)[0]: theirs.rsplit(".", 1)[0] for ours, theirs in LAYER_KERNELS}
 
 
@@ -139,6 +142,8 @@ def _read_peft(p: Path) -> Adapter:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{p / PEFT_CONFIG}: not valid JSON ({e})") from None
     where = str(p / PEFT_CONFIG)
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
     if conf.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{where}: peft_type {conf.get('peft_type')!r}; only LORA adapters are supported")
     for key, bad in (("use_dora", True), ("bias", lambda v: v not in (None, "none")),
@@ -152,7 +157,9 @@ def _read_peft(p: Path) -> Adapter:
         targets = [targets]
     if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
         raise ConfigError(f"{where}: target_modules {targets!r}: expected a list of {', '.join(LORA_TARGETS)}")
-    rank, alpha = int(conf["r"]), float(conf.get("lora_alpha", 8))
+    if "r" not in conf:
+        raise ConfigError(f"{where}: missing key r")
+    rank, alpha = positive_int(conf["r"], where, "r"), positive_number(conf.get("lora_alpha", 8), where, "lora_alpha")
     if conf.get("use_rslora"):
         alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
     weights = p / PEFT_WEIGHTS
@@ -160,7 +167,7 @@ def _read_peft(p: Path) -> Adapter:
         raise ConfigError(f"{p}: no {PEFT_WEIGHTS} (adapter_model.bin is not read: it is a pickle)")
     f = SafetensorsFile(weights)
     keys = {k.replace(".default.weight", ".weight") for k in f.keys()}
-    layer_ids = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".layers." in k})
+    layer_ids = sorted(layer_indices(keys, _PEFT_LAYER_RE))
     n_layers = (max(layer_ids) + 1) if layer_ids else 0
     tensors = {}
     for module in targets:

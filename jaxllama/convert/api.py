@@ -22,6 +22,13 @@ def detect_format(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: no such file or folder")
+    try:
+        return _detect(p)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
+def _detect(p: Path) -> str:
     if p.is_file():
         with open(p, "rb") as f:
             if f.read(4) == b"GGUF":

@@ -12,9 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +24,8 @@ import numpy as np
 
 from jaxllama.config import ModelConfig, resolve_model
 from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS
+from jaxllama.convert.tempdirs import make_owned_dir, sweep_stale
+from jaxllama.convert.validate import boolean, positive_int, positive_number
 from jaxllama.errors import ConfigError, RunError
 from jaxllama.model.llama import Arch, param_shapes
 from jaxllama.model.presets import PRESETS
@@ -52,19 +54,49 @@ def dtype_name(dt: np.dtype) -> str:
     raise RunError(f"unsupported tensor dtype {dt}")
 
 
-def model_config(**fields) -> ModelConfig:
-    """A resolved ModelConfig with every architecture field explicit.
+_INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_position",
+               "rope_original_max_position")
+_NUMBER_FIELDS = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+
+
+def model_config(where: object = "model description", keys: dict[str, str] | None = None, **fields) -> ModelConfig:
+    """A resolved ModelConfig with every architecture field explicit, each checked (type, range, head
+    counts) so a hostile file gives one line naming ``where`` and the format's key (``keys`` maps our
+    field names to the format's) instead of a traceback deep in the model.
 
     The preset is the published one whose shape matches (for readability of saved configs), else
     ``debug`` -- irrelevant either way, since no field is left to fill from it.
     """
+    keys = keys or {}
     fields = {k: v for k, v in fields.items() if v is not None}
-    missing = [k for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "norm_eps", "rope_theta")
-               if k not in fields]
+    missing = [keys.get(k, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "norm_eps",
+                                        "rope_theta") if k not in fields]
     if missing:
-        raise ConfigError(f"model description lacks {', '.join(missing)}")
-    fields.setdefault("n_kv_heads", fields["n_heads"])
-    fields.setdefault("head_dim", fields["dim"] // fields["n_heads"])
+        raise ConfigError(f"{where}: missing key {', '.join(missing)}")
+    for k in _INT_FIELDS:
+        if k in fields:
+            fields[k] = positive_int(fields[k], where, keys.get(k, k))
+    for k in _NUMBER_FIELDS:
+        if k in fields:
+            fields[k] = positive_number(fields[k], where, keys.get(k, k))
+    if "tie_embeddings" in fields:
+        key = keys.get("tie_embeddings", "tie_embeddings")
+        fields["tie_embeddings"] = boolean(fields["tie_embeddings"], where, key)
+    heads, dim = fields["n_heads"], fields["dim"]
+    fields.setdefault("n_kv_heads", heads)
+    if heads % fields["n_kv_heads"]:
+        raise ConfigError(f"{where}: {keys.get('n_kv_heads', 'n_kv_heads')}={fields['n_kv_heads']} does not divide "
+                          f"{keys.get('n_heads', 'n_heads')}={heads}")
+    if "head_dim" not in fields and dim % heads:
+        raise ConfigError(f"{where}: {keys.get('dim', 'dim')}={dim} is not a multiple of "
+                          f"{keys.get('n_heads', 'n_heads')}={heads} (and no head size is given)")
+    fields.setdefault("head_dim", dim // heads)
+    if fields["head_dim"] % 2:
+        raise ConfigError(f"{where}: head size {fields['head_dim']} is odd (rotary embeddings need an even one)")
+    if fields.get("rope_type") == "llama3" and \
+            fields.get("rope_high_freq_factor", 4.0) <= fields.get("rope_low_freq_factor", 1.0):
+        raise ConfigError(f"{where}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                          f"{fields.get('rope_high_freq_factor')} and {fields.get('rope_low_freq_factor')}")
     fields.setdefault("rope_type", "default")
     fields.setdefault("tie_embeddings", False)
     fields.setdefault("max_position", 4096)
@@ -107,6 +139,17 @@ def check_shape(arr: np.ndarray, want: tuple[int, ...], where: str) -> np.ndarra
     return arr
 
 
+def canonical_names(m: ModelConfig) -> Iterator[tuple[str, int | None]]:
+    """(name, layer) of every canonical tensor of ``m``: embed, layer by layer, norm, head."""
+    yield EMBED, None
+    for i in range(m.n_layers):
+        for n in LAYER_NAMES:
+            yield n, i
+    yield NORM, None
+    if not m.tie_embeddings:
+        yield HEAD, None
+
+
 @dataclass
 class Extras:
     """Everything beside the weights that a conversion carries over."""
@@ -129,13 +172,7 @@ class Source:
 
     def names(self) -> Iterator[tuple[str, int | None]]:
         """Every canonical tensor in a writer-friendly order: embed, layer by layer, norm, head."""
-        yield EMBED, None
-        for i in range(self.model_cfg.n_layers):
-            for n in LAYER_NAMES:
-                yield n, i
-        yield NORM, None
-        if not self.model_cfg.tie_embeddings:
-            yield HEAD, None
+        return canonical_names(self.model_cfg)
 
     def get(self, name: str, layer: int | None = None) -> np.ndarray:
         """One canonical tensor, shape-checked, in ``self.dtype`` (or as stored)."""
@@ -194,12 +231,19 @@ def stacked_params(src: Source) -> dict:
     return tree
 
 
+TMP_PATTERN = ".*.tmp-*"  # our temporaries beside a destination: .DST.tmp-XXXXXXXX
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | Path, is_file: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; rename it to ``dst`` only if the block succeeds.
+    """Yield a path to write (``.DST.tmp-XXXX/DST`` beside ``dst``); rename it to ``dst`` only if the
+    block succeeds.
 
-    A failure (or Ctrl-C) removes the temporary, so no half-written DST is ever left behind.
-    An existing DST is refused rather than overwritten.
+    A failure (or Ctrl-C) removes the temporary, so no half-written DST is ever left behind; a
+    process killed outright (SIGKILL) cannot, so each temporary records its owner and the next
+    conversion into the same folder removes those whose owner is gone (:mod:`.tempdirs`). An
+    existing DST is refused rather than overwritten; an unwritable one is one line naming it.
     """
     dst = Path(dst)
     if dst.exists():
@@ -207,15 +251,23 @@ def atomic_output(dst: str | Path, is_file: bool = False) -> Iterator[Path]:
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"{dst}: parent folder {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
-    target = tmp / dst.name if is_file else tmp
+    sweep_stale(parent, TMP_PATTERN)
     try:
+        tmp = make_owned_dir(f".{dst.name}.tmp-", parent)
+    except OSError as e:
+        raise ConfigError(f"{dst}: cannot write in {parent} ({e.strerror or e})") from None
+    target = tmp / dst.name
+    try:
+        if not is_file:
+            target.mkdir()
         yield target
-        if not is_file:  # mkdtemp makes the folder 0700; DST gets the mode any new folder gets (umask)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(target, 0o777 & ~umask)
         os.replace(target, dst)
+    except OSError as e:
+        names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+        ours = any(n.startswith(str(tmp)) or n == str(dst) for n in names)
+        if ours or (not names and e.errno in _WRITE_ERRNOS):
+            raise RunError(f"{dst}: cannot write ({e.strerror or e})") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,14 +12,20 @@ dequantizes one tensor at a time (any type ``gguf.quants`` knows: Q8_0, Q4_0, Q4
 
 from __future__ import annotations
 
+import math
+import re
+import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from jaxllama.convert.common import (BF16, EMBED, HEAD, NORM, Extras, Source, atomic_output, check_shape,
-                                     expected_shape, model_config, permute_qk)
+from jaxllama.convert.common import (BF16, EMBED, HEAD, NORM, Extras, Source, atomic_output, canonical_names,
+                                     check_shape, expected_shape, model_config, permute_qk)
 from jaxllama.convert.gguf_vocab import files_from_vocab, read_vocab, vocab_from_files, write_vocab
+from jaxllama.convert.tempdirs import make_owned_dir, sweep_stale
+from jaxllama.convert.validate import canonical_shapes, check_layer_count, check_tensors, layer_indices, positive_int
 from jaxllama.errors import ConfigError
 from jaxllama.model.llama import Arch, rope_frequencies
 
@@ -31,6 +37,8 @@ _LAYER = {
 }
 _GLOBAL = {EMBED: "token_embd", NORM: "output_norm", HEAD: "output"}
 ROPE_FREQS = "rope_freqs.weight"
+TOKENIZER_TMP = "jaxllama-gguf-tokenizer-"  # prefix of the temporary folder a GGUF's tokenizer is rebuilt in
+LAYER_FIRST = "self_attn/q_proj/kernel"  # the tensor named when a whole block is missing
 _OURS = "jaxllama.rope."  # extra keys: llama3 scaling constants (llama.cpp ignores unknown keys)
 
 
@@ -168,22 +176,81 @@ def _field(reader, key: str):
     return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
+_GGUF_KEYS = dict(vocab_size="llama.vocab_size", dim="llama.embedding_length", n_layers="llama.block_count",
+                  n_heads="llama.attention.head_count", n_kv_heads="llama.attention.head_count_kv",
+                  head_dim="llama.attention.key_length", ffn_dim="llama.feed_forward_length",
+                  max_position="llama.context_length", norm_eps="llama.attention.layer_norm_rms_epsilon",
+                  rope_theta="llama.rope.freq_base", rope_factor=_OURS + "factor",
+                  rope_low_freq_factor=_OURS + "low_freq_factor", rope_high_freq_factor=_OURS + "high_freq_factor",
+                  rope_original_max_position=_OURS + "original_context_length")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_counts(path: Path) -> None:
+    """Bound the header's tensor and key counts by the file size before the reader loops over them
+    (a tensor info takes at least 24 bytes, a key/value at least 12)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    size = path.stat().st_size
+    if len(head) < 24:
+        raise ConfigError(f"{path}: truncated or corrupt GGUF file ({size} bytes)")
+    (version,) = struct.unpack("<I", head[4:8])
+    order = ">" if version & 0xFFFF == 0 else "<"  # a big-endian file (as the gguf reader decides)
+    n_tensors, n_kv = struct.unpack(order + "QQ", head[8:24])
+    if n_tensors > size // 24 or n_kv > size // 12:
+        raise ConfigError(f"{path}: corrupt GGUF header ({n_tensors} tensors and {n_kv} keys do not fit in "
+                          f"{size} bytes)")
+
+
+def _check_layout(path: Path, reader, gguf) -> None:
+    """Every tensor's bytes are whole, in the file, and the tensors tile the data section (gaps and the
+    tail under one alignment unit). A header whose tensor count is short parses, but leaves the last
+    tensor's bytes unclaimed at the end of the file: refused here, not read as a tied head."""
+    size, align = path.stat().st_size, int(reader.alignment)
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape]
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if not dims or dims[0] % block:
+            raise ConfigError(f"{path}: {t.name}: dims {dims} do not fit {t.tensor_type.name} blocks of {block}")
+        nbytes = math.prod(dims) // block * type_size
+        if nbytes != int(t.n_bytes) or int(t.data_offset) + nbytes > size or t.data.nbytes != nbytes:
+            raise ConfigError(f"{path}: truncated or corrupt GGUF file (tensor {t.name} needs {nbytes} bytes at "
+                              f"offset {int(t.data_offset)} of {size})")
+        spans.append((int(t.data_offset), int(t.data_offset) + nbytes, t.name))
+    spans.sort()
+    end, last = int(reader.data_offset), "the header"
+    for start, stop, name in spans:
+        if start < end:
+            raise ConfigError(f"{path}: corrupt GGUF file (tensor {name} overlaps {last})")
+        if start - end >= align:
+            raise ConfigError(f"{path}: corrupt GGUF file ({start - end} unclaimed bytes before tensor {name})")
+        end, last = stop, name
+    if size - end >= align:
+        raise ConfigError(f"{path}: corrupt GGUF file ({size - end} bytes after the last tensor: the header's "
+                          f"tensor count ({len(spans)}) is short, or the file has data no tensor claims)")
+
+
 class GGUFSource(Source):
-    """A GGUF file, memory-mapped; quantized tensors are dequantized one at a time."""
+    """A GGUF file, memory-mapped; quantized tensors are dequantized one at a time.
+
+    The metadata is checked against the tensors actually in the file before anything is planned or
+    allocated: the block count against the ``blk.N`` tensors present, every tensor's shape against
+    the metadata, no tensor missing and none extra.
+    """
 
     def __init__(self, path: str | Path, dtype: np.dtype | None = None):
         gguf = _gguf()
         self.path, self.dtype = Path(path), dtype
         try:
+            _check_counts(self.path)
             self.reader = gguf.GGUFReader(self.path)
             self.tensors = {t.name: t for t in self.reader.tensors}
-            for t in self.reader.tensors:  # a truncated file maps fewer bytes than the header promises
-                if t.data.nbytes != t.n_bytes:
-                    raise ValueError(f"tensor {t.name} has {t.data.nbytes} of {t.n_bytes} bytes")
+            _check_layout(self.path, self.reader, gguf)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - the reader raises many kinds for damaged files
-            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            msg = (str(e).splitlines() or [type(e).__name__])[0][:100]
             raise ConfigError(f"{self.path}: truncated or corrupt GGUF file ({msg})") from None
         self.fields = {k: _field(self.reader, k) for k in self.reader.fields}
         try:
@@ -194,9 +261,17 @@ class GGUFSource(Source):
         template = self.fields.get("tokenizer.chat_template")
         ex = Extras(chat_template=template)
         if vocab is not None:
-            tmp = Path(tempfile.mkdtemp(prefix="jaxllama-gguf-tokenizer-"))
+            # Owned (pid-stamped) so a process killed before its atexit cleanup has its folder removed by
+            # the next process that opens a GGUF (tempdirs.sweep_stale).
+            parent = Path(tempfile.gettempdir())
+            sweep_stale(parent, TOKENIZER_TMP + "*")
+            tmp = make_owned_dir(TOKENIZER_TMP, parent)
+            try:
+                files_from_vocab(vocab, tmp, template)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             ex.cleanup.append(tmp)
-            files_from_vocab(vocab, tmp, template)
             ex.tokenizer_dir = tmp
             ex.bos_token_id, ex.eos_token_id = vocab.special.get("bos"), vocab.special.get("eos")
         self.extras = ex
@@ -213,37 +288,64 @@ class GGUFSource(Source):
             raise ConfigError(f"{self.path}: general.architecture {arch!r} is not supported (only 'llama')")
         if "token_embd.weight" not in self.tensors:
             raise ConfigError(f"{self.path}: tensor token_embd.weight not found")
-        dim, heads = int(self._key("embedding_length")), int(self._key("attention.head_count"))
-        vocab = self.fields.get("llama.vocab_size") or int(self.tensors["token_embd.weight"].shape[1])
+        n_layers = positive_int(self._key("block_count"), self.path, "llama.block_count")
+        check_layer_count(n_layers, layer_indices(self.tensors, _BLOCK_RE), self.path, "llama.block_count",
+                          "the file", lambda i: gguf_name(LAYER_FIRST, i))
+        key_length = self._key("attention.key_length", None, False)
+        embd = self.tensors["token_embd.weight"].shape
         fields = dict(
-            vocab_size=int(vocab), dim=dim, n_layers=int(self._key("block_count")),
-            n_heads=heads, n_kv_heads=int(self._key("attention.head_count_kv", heads)),
-            head_dim=int(self._key("attention.key_length", None, False) or
-                         self._key("rope.dimension_count", dim // heads)),
-            ffn_dim=int(self._key("feed_forward_length")), max_position=int(self._key("context_length", 4096)),
-            norm_eps=float(self._key("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(self._key("rope.freq_base", 10000.0)),
+            vocab_size=self.fields.get("llama.vocab_size") or (int(embd[1]) if len(embd) == 2 else None),
+            dim=self._key("embedding_length"), n_layers=n_layers, n_heads=self._key("attention.head_count"),
+            n_kv_heads=self._key("attention.head_count_kv", None, False),
+            head_dim=key_length if key_length is not None else self._key("rope.dimension_count", None, False),
+            ffn_dim=self._key("feed_forward_length"), max_position=self._key("context_length", 4096),
+            norm_eps=self._key("attention.layer_norm_rms_epsilon"), rope_theta=self._key("rope.freq_base", 10000.0),
             tie_embeddings="output.weight" not in self.tensors)
+        if key_length is None:
+            keys = dict(_GGUF_KEYS, head_dim="llama.rope.dimension_count")
+        else:
+            keys = _GGUF_KEYS
+        m = model_config(self.path, keys, **fields)
+        self._check_tensors(m)
         if ROPE_FREQS in self.tensors:
-            fields.update(self._llama3(fields))
-        return model_config(**fields)
+            fields.update(self._llama3(fields, keys))
+            m = model_config(self.path, keys, **fields)
+        return m
 
-    def _llama3(self, fields: dict) -> dict:
+    def _check_tensors(self, m) -> None:
+        """Exactly the tensors ``m`` implies, with its shapes (GGUF lists dims innermost first)."""
+        shape = canonical_shapes(m)
+        expected = {gguf_name(n, i): shape(n)[::-1] if n.endswith("/kernel") else shape(n)
+                    for n, i in canonical_names(m)}
+        if ROPE_FREQS in self.tensors:
+            expected[ROPE_FREQS] = (m.head_dim // 2,)
+        present = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self.tensors.items()}
+        check_tensors(expected, present, lambda k: f"{self.path}: {k}", str(self.path))
+
+    def _llama3(self, fields: dict, keys: dict) -> dict:
         """Recover the llama3 constants: from our keys, else Llama 3.1's published ones if they fit."""
-        divisors = np.asarray(self.tensors[ROPE_FREQS].data, np.float32).reshape(-1)
-        ours = {k: self.fields.get(_OURS + k) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                        "original_context_length")}
+        t = self.tensors[ROPE_FREQS]
+        if t.tensor_type != _gguf().GGMLQuantizationType.F32:
+            raise ConfigError(f"{self.path}: {ROPE_FREQS} is {t.tensor_type.name}, not F32")
+        divisors = np.asarray(t.data, np.float32).reshape(-1)
+        names = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+        ours = {k: self.fields.get(_OURS + k) for k in names}
         if ours["factor"] is not None:
-            rope = dict(rope_factor=float(ours["factor"]), rope_low_freq_factor=float(ours["low_freq_factor"]),
-                        rope_high_freq_factor=float(ours["high_freq_factor"]),
-                        rope_original_max_position=int(ours["original_context_length"]))
+            lacking = [_OURS + k for k in names if ours[k] is None]
+            if lacking:
+                raise ConfigError(f"{self.path}: missing metadata key {lacking[0]}")
+            rope = dict(rope_factor=ours["factor"], rope_low_freq_factor=ours["low_freq_factor"],
+                        rope_high_freq_factor=ours["high_freq_factor"],
+                        rope_original_max_position=ours["original_context_length"])
         else:
             rope = dict(rope_factor=float(divisors.max()), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                         rope_original_max_position=8192)
-        trial = model_config(**fields, rope_type="llama3", **rope)
+        trial = model_config(self.path, keys, **{**fields, "rope_type": "llama3", **rope})
         if not np.allclose(rope_divisors(trial), divisors, rtol=1e-4):
             raise ConfigError(f"{self.path}: {ROPE_FREQS} does not match llama3 rope scaling with {rope}")
-        return dict(rope_type="llama3", **rope)
+        return dict(rope_type="llama3", rope_factor=trial.rope_factor, rope_low_freq_factor=trial.rope_low_freq_factor,
+                    rope_high_freq_factor=trial.rope_high_freq_factor,
+                    rope_original_max_position=trial.rope_original_max_position)
 
     def where(self, name: str, layer: int | None) -> str:
         return f"{self.path}: {gguf_name(name, layer)}"

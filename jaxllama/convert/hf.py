@@ -9,6 +9,7 @@ one tensor in memory at a time.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,14 @@ from jaxllama.convert.common import (EMBED, HEAD, NORM, Extras, Source, atomic_o
                                      copy_tokenizer_files, dtype_name, expected_shape, model_config)
 from jaxllama.convert.hf_names import LAYER_KERNELS, LAYER_NORMS, hf_config
 from jaxllama.convert.safetensors_io import SafetensorsFile, write_safetensors
+from jaxllama.convert.validate import (canonical_shapes, check_layer_count, check_tensors, layer_indices,
+                                       mapping_or_none, show)
 from jaxllama.errors import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
 _HF_LAYER = dict(LAYER_KERNELS + LAYER_NORMS)
+LAYER_NAMES_FIRST = LAYER_KERNELS[0][0]  # the tensor named when a whole layer is missing
 _UNSUPPORTED = {"attention_bias": True, "mlp_bias": True}
 
 
@@ -41,47 +45,61 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
 
 
+# Our ModelConfig field -> config.json key, for error messages.
+_HF_KEYS = dict(vocab_size="vocab_size", dim="hidden_size", ffn_dim="intermediate_size", n_layers="num_hidden_layers",
+                n_heads="num_attention_heads", n_kv_heads="num_key_value_heads", head_dim="head_dim",
+                max_position="max_position_embeddings", norm_eps="rms_norm_eps", rope_theta="rope_theta",
+                tie_embeddings="tie_word_embeddings")
+LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def model_config_from_hf(cfg: dict, where: Path) -> ModelConfig:
-    """Parse a Llama ``config.json`` (4.x or 5.x keys); refuse what our model cannot represent."""
+    """Parse a Llama ``config.json`` (4.x or 5.x keys); refuse what our model cannot represent, and any
+    value of the wrong type or range (one line naming the key)."""
     if cfg.get("model_type") != "llama":
-        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
+        raise ConfigError(f"{where}: model_type {show(cfg.get('model_type'))} is not supported (only 'llama')")
     for key, bad in _UNSUPPORTED.items():
         if cfg.get(key) == bad:
             raise ConfigError(f"{where}: {key}={json.dumps(bad)} is not supported by jaxllama's Llama")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        raise ConfigError(f"{where}: hidden_act {show(cfg['hidden_act'])} is not supported (only 'silu')")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in cfg:
             raise ConfigError(f"{where}: missing key {key}")
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
+    rope = mapping_or_none(cfg.get("rope_parameters"), where, "rope_parameters")
+    scaling = mapping_or_none(cfg.get("rope_scaling"), where, "rope_scaling")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    params = rope if rope.get("rope_type") else scaling
+    params, group = (rope, "rope_parameters") if rope.get("rope_type") else (scaling, "rope_scaling")
+    keys = dict(_HF_KEYS, rope_theta="rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta")
     fields = dict(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], ffn_dim=cfg["intermediate_size"],
         n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim=cfg.get("head_dim"),
-        max_position=cfg.get("max_position_embeddings", 2048), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        n_kv_heads=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
+        max_position=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta, tie_embeddings=cfg.get("tie_word_embeddings", False))
     if kind == "llama3":
-        try:
-            fields.update(rope_type="llama3", rope_factor=float(params["factor"]),
-                          rope_low_freq_factor=float(params["low_freq_factor"]),
-                          rope_high_freq_factor=float(params["high_freq_factor"]),
-                          rope_original_max_position=int(params["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConfigError(f"{where}: llama3 rope scaling lacks {e.args[0]}") from None
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if k not in params:
+                raise ConfigError(f"{where}: llama3 rope scaling lacks {k}")
+        fields.update(rope_type="llama3", rope_factor=params["factor"], rope_low_freq_factor=params["low_freq_factor"],
+                      rope_high_freq_factor=params["high_freq_factor"],
+                      rope_original_max_position=params["original_max_position_embeddings"])
+        keys.update(rope_factor=f"{group}.factor", rope_low_freq_factor=f"{group}.low_freq_factor",
+                    rope_high_freq_factor=f"{group}.high_freq_factor",
+                    rope_original_max_position=f"{group}.original_max_position_embeddings")
     elif kind != "default":
-        raise ConfigError(f"{where}: rope type {kind!r} is not supported (default or llama3)")
-    return model_config(**fields)
+        raise ConfigError(f"{where}: rope type {show(kind)} is not supported (default or llama3)")
+    return model_config(where, keys, **fields)
 
 
 class _TorchBin:
@@ -94,6 +112,14 @@ class _TorchBin:
 
     def keys(self):
         return list(self.state)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for k, v in self.state.items():
+            if not hasattr(v, "shape"):
+                raise ConfigError(f"{self.path}: {k} is a {type(v).__name__}, not a tensor")
+            out[k] = tuple(v.shape)
+        return out
 
     def get(self, name: str) -> np.ndarray:
         from jaxllama.convert.torch_io import to_numpy
@@ -114,9 +140,12 @@ class HFSource(Source):
             raise ConfigError(f"{self.path / 'config.json'}: invalid value ({e})") from None
         self.files = self._weight_files()
         self.where_file: dict[str, object] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for f in self.files:
-            for k in f.keys():
+            for k, shape in f.shapes().items():
                 self.where_file[k] = f
+                shapes[k] = shape
+        self._check_weights(shapes)
         gen = self.path / "generation_config.json"
         tok_cfg = self.path / "tokenizer_config.json"
         template = None
@@ -129,6 +158,20 @@ class HFSource(Source):
                              bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
                              generation_config=_read_json(gen) if gen.is_file() else None)
 
+    def _check_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """config.json must describe exactly the tensors the weight files hold (names, shapes, layer
+        count) -- checked from the headers, before anything is read or allocated."""
+        m = self.model_cfg
+        names = [f.path.name for f in self.files]
+        files = ", ".join(names) if len(names) <= 2 else f"{names[0]} .. {names[-1]}"
+        check_layer_count(m.n_layers, layer_indices(shapes, LAYER_RE), self.path / "config.json",
+                          "num_hidden_layers", files, lambda i: hf_name(LAYER_NAMES_FIRST, i))
+        shape = canonical_shapes(m)
+        expected = {hf_name(n, i): shape(n)[::-1] if is_kernel(n) else shape(n) for n, i in self.names()}
+        check_tensors(expected, shapes, lambda k: f"{getattr(self.where_file.get(k), 'path', self.path)}: {k}",
+                      f"{self.path} ({files})", ignore=lambda k: k.endswith("rotary_emb.inv_freq") or
+                      (k == "lm_head.weight" and m.tie_embeddings))
+
     def _weight_files(self) -> list:
         p = self.path
         for index_name, opener in (("model.safetensors.index.json", SafetensorsFile),
@@ -137,8 +180,12 @@ class HFSource(Source):
                 weight_map = _read_json(p / index_name).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ConfigError(f"{p / index_name}: missing key weight_map")
-                names = sorted(set(weight_map.values()))
+                names = sorted({n for n in weight_map.values() if isinstance(n, str)})
+                if len(names) == 0 or not all(isinstance(n, str) for n in weight_map.values()):
+                    raise ConfigError(f"{p / index_name}: weight_map must map tensor names to file names")
                 for n in names:
+                    if not (p / n).resolve().is_relative_to(p.resolve()):
+                        raise ConfigError(f"{p / index_name}: lists {show(n)}, which is outside {p}")
                     if not (p / n).is_file():
                         raise ConfigError(f"{p / index_name}: lists {n}, which is missing from {p}")
                 return [opener(p / n) for n in names]

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from jaxllama.config import ModelConfig
-from jaxllama.convert.common import (EMBED, HEAD, NORM, Extras, Source, atomic_output, check_shape,
-                                     expected_shape, model_config, permute_qk)
+from jaxllama.convert.common import (EMBED, HEAD, NORM, Extras, Source, atomic_output, canonical_names,
+                                     check_shape, expected_shape, model_config, permute_qk)
 from jaxllama.convert.torch_io import load_state_dict, save_state_dict, to_numpy
+from jaxllama.convert.validate import (boolean, canonical_shapes, check_layer_count, check_tensors, is_int,
+                                       layer_indices, positive_int, positive_number)
 from jaxllama.errors import ConfigError
 
 _LAYER = {
@@ -62,8 +64,31 @@ def _is_llama3(m: ModelConfig) -> bool:
     return m.vocab_size >= 100_000 or m.rope_theta >= 500_000 or m.rope_type == "llama3"
 
 
+_META_KEYS = dict(vocab_size="vocab_size", dim="dim", n_layers="n_layers", n_heads="n_heads", n_kv_heads="n_kv_heads",
+                  ffn_dim="multiple_of/ffn_dim_multiplier", max_position="max_seq_len", norm_eps="norm_eps",
+                  rope_theta="rope_theta", rope_factor="rope_scaling_factor", head_dim="head size (wq rows / n_heads)",
+                  **{k: k for k in _META_ROPE})
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def _split_axis(key: str) -> int | None | str:
+    """The model-parallel axis a Meta tensor is split on (None: replicated), "embed" for the embedding
+    (its axis depends on the Llama generation), "?" for a name Meta's Llama does not have."""
+    if key == "tok_embeddings.weight":
+        return "embed"
+    for name, axis in list(_GLOBAL.values()) + list(_LAYER.values()):
+        if key == name or (key.startswith("layers.") and key.split(".", 2)[-1] == name):
+            return axis
+    return "?"
+
+
 class MetaSource(Source):
-    """A Meta checkpoint folder; shards are memory-mapped and merged one tensor at a time."""
+    """A Meta checkpoint folder; shards are memory-mapped and merged one tensor at a time.
+
+    On open, before any tensor is read: params.json's values are checked (types, ranges), the shards
+    must hold the same tensors whose shapes concatenate along each one's split axis, and the merged
+    shapes and layer count must be exactly what params.json describes.
+    """
 
     def __init__(self, path: str | Path, dtype: np.dtype | None = None):
         self.path, self.dtype = Path(path), dtype
@@ -72,8 +97,12 @@ class MetaSource(Source):
             params = json.loads(pj.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{pj}: not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{pj}: invalid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{pj}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
+        except OSError as e:
+            raise ConfigError(f"{pj}: cannot read ({e.strerror or e})") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"{pj}: expected a JSON object")
         files = sorted(self.path.glob("consolidated.*.pth"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
         if not files:
             raise ConfigError(f"{self.path}: no consolidated.NN.pth beside params.json")
@@ -85,12 +114,53 @@ class MetaSource(Source):
         self.shards = []
         for f in files:
             state = load_state_dict(f)
-            self.shards.append({k: tuple(v.shape) for k, v in state.items()})
+            shapes = {}
+            for k, v in state.items():
+                if not hasattr(v, "shape"):
+                    raise ConfigError(f"{f}: {k} is a {type(v).__name__}, not a tensor")
+                shapes[k] = tuple(int(d) for d in v.shape)
+            self.shards.append(shapes)
             del state
+        for f, s in zip(files[1:], self.shards[1:]):
+            for k in sorted(set(self.shards[0]) ^ set(s)):
+                lacking = f if k in self.shards[0] else files[0]
+                raise ConfigError(f"{lacking}: tensor {k} not found (the other shards have it)")
         self.model_cfg = self._config(params, pj)
+        m = self.model_cfg
+        emb = self.shards[0]["tok_embeddings.weight"]
+        self.embed_axis = 1 if len(self.shards) > 1 and emb[0] == m.vocab_size else 0
+        merged = {k: self._merged_shape(k) for k in self.shards[0]}
+        check_layer_count(m.n_layers, layer_indices(merged, _LAYER_RE), pj, "n_layers", self.files[0].name,
+                          lambda i: meta_name("self_attn/q_proj/kernel", i))
+        shape = canonical_shapes(m)
+        expected = {meta_name(n, i): shape(n)[::-1] if n.endswith("/kernel") else shape(n)
+                    for n, i in canonical_names(m)}
+        names = {meta_name(n, i): (n, i) for n, i in canonical_names(m)}
+        check_tensors(expected, merged, lambda k: self.where(*names[k]) if k in names else f"{self.files[0]}: {k}",
+                      str(self.files[0]), ignore=lambda k: k.endswith("rope.freqs"))  # Llama 1's precomputed table
         tok = next((d / "tokenizer.model" for d in (self.path, self.path.parent) if (d / "tokenizer.model").is_file()),
                    None)
         self.extras = Extras(tokenizer_dir=tok.parent if tok else None)
+
+    def _merged_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` with the shards concatenated; shards that cannot concatenate are an error."""
+        axis = _split_axis(key)
+        axis = self.embed_axis if axis == "embed" else axis
+        first = self.shards[0][key]
+        if axis == "?" or len(self.shards) == 1:
+            return first
+        for f, s in zip(self.files[1:], self.shards[1:]):
+            other = s[key]
+            if axis is None and other != first:
+                raise ConfigError(f"{f}: {key}: shape {other} differs from {self.files[0].name}'s {first} "
+                                  f"(a replicated tensor)")
+            if axis is not None and (len(other) != len(first) or len(first) <= axis or
+                                     any(a != b for d, (a, b) in enumerate(zip(first, other)) if d != axis)):
+                raise ConfigError(f"{f}: {key}: shape {other} does not concatenate with {self.files[0].name}'s "
+                                  f"{first} along axis {axis}")
+        if axis is None:
+            return first
+        return tuple(sum(s[key][axis] for s in self.shards) if d == axis else n for d, n in enumerate(first))
 
     def _config(self, p: dict, where: Path) -> ModelConfig:
         for key in ("dim", "n_layers", "n_heads"):
@@ -98,24 +168,36 @@ class MetaSource(Source):
                 raise ConfigError(f"{where}: missing key {key}")
         if "tok_embeddings.weight" not in self.shards[0]:
             raise ConfigError(f"{self.files[0]}: tensor tok_embeddings.weight not found")
+        dim, heads = positive_int(p["dim"], where, "dim"), positive_int(p["n_heads"], where, "n_heads")
         vocab = p.get("vocab_size", -1)
-        if vocab is None or vocab <= 0:  # Llama 1/2 write -1: the tokenizer decides
-            vocab = int(self.shards[0]["tok_embeddings.weight"][0])
-        dim = p["dim"]
+        if vocab is None or (is_int(vocab) and vocab <= 0):  # Llama 1/2 write -1: the tokenizer decides
+            vocab = self.shards[0]["tok_embeddings.weight"][0] if self.shards[0]["tok_embeddings.weight"] else None
+        multiple_of = positive_int(p.get("multiple_of", 256), where, "multiple_of")
+        multiplier = p.get("ffn_dim_multiplier")
+        if multiplier is not None:
+            multiplier = positive_number(multiplier, where, "ffn_dim_multiplier")
         wq = self.shards[0].get("layers.0.attention.wq.weight")
-        head_dim = (wq[0] * len(self.shards)) // p["n_heads"] if wq is not None else None
-        fields = dict(vocab_size=vocab, dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
-                      n_kv_heads=p.get("n_kv_heads") or p["n_heads"], head_dim=head_dim,
-                      ffn_dim=meta_ffn_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
-                      norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
+        head_dim = None
+        if wq is not None and len(wq) == 2:
+            rows = sum(s["layers.0.attention.wq.weight"][0] for s in self.shards)
+            if rows % heads:
+                raise ConfigError(f"{self.files[0]}: layers.0.attention.wq.weight has {rows} rows in all, not a "
+                                  f"multiple of n_heads={heads} ({where.name})")
+            head_dim = rows // heads
+        fields = dict(vocab_size=vocab, dim=dim, n_layers=p["n_layers"], n_heads=heads,
+                      n_kv_heads=p.get("n_kv_heads"), head_dim=head_dim,
+                      ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
+                      norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
                       tie_embeddings="output.weight" not in self.shards[0])
-        if p.get("use_scaled_rope"):
-            fields.update(rope_type="llama3", rope_factor=float(p.get("rope_scaling_factor", 8.0)))
+        theta = positive_number(fields["rope_theta"], where, "rope_theta")
+        scaled = boolean(p.get("use_scaled_rope", False), where, "use_scaled_rope")
+        if scaled:
+            fields.update(rope_type="llama3", rope_factor=p.get("rope_scaling_factor", 8.0))
             for k, v in _META_ROPE.items():
-                fields[k] = type(v)(p.get(k, v))
-        default_ctx = 131072 if p.get("use_scaled_rope") else 8192 if fields["rope_theta"] >= 500_000 else 4096
-        fields["max_position"] = int(p.get("max_seq_len", default_ctx))
-        return model_config(**fields)
+                fields[k] = p.get(k, v)
+        default_ctx = 131072 if scaled else 8192 if theta >= 500_000 else 4096
+        fields["max_position"] = p.get("max_seq_len", default_ctx)
+        return model_config(where, _META_KEYS, **fields)
 
     def where(self, name: str, layer: int | None) -> str:
         files = self.files[0].name if len(self.files) == 1 else f"consolidated.00-{len(self.files) - 1:02d}.pth"
@@ -135,8 +217,7 @@ class MetaSource(Source):
         m = self.model_cfg
         key = meta_name(name, layer)
         if name == EMBED:
-            axis = 1 if len(self.shards) > 1 and self.shards[0][key][0] == m.vocab_size else 0
-            return self._merged(key, axis)
+            return self._merged(key, self.embed_axis)
         _, axis = _LAYER[name] if layer is not None else _GLOBAL[name]
         arr = self._merged(key, axis)
         if name.endswith("/kernel"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from jaxllama.errors import ConfigError, JaxllamaError
 
@@ -360,8 +362,29 @@ def _skip_absent_tpu() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _second_interrupt_exits() -> None:
+    """Ctrl-C once: KeyboardInterrupt, so the run finishes what it must (a save in flight) and says so.
+    Ctrl-C again while it does: exit at once, one line, no tracebacks from half-stopped threads (a save
+    cut short is a temporary folder that resume skips)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def now(signum, frame) -> None:
+        print("jaxllama: interrupted again: exiting now", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(INTERRUPTED)
+
+    def first(signum, frame) -> None:
+        signal.signal(signal.SIGINT, now)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, first)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _second_interrupt_exits()
     debug = "--debug" in argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _skip_absent_tpu()
@@ -370,7 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         if not [a for a in argv if a != "--debug"]:  # bare `jaxllama`: what it can do, not an error line
             parser.print_help(sys.stderr)
             return 2
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may come after options (argparse stops filling a positional list at the
+        # first option): they join the overrides; anything else is still refused.
+        strays = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if strays:
+            parser.error(f"unrecognized arguments: {' '.join(strays)}")
+        if extra:
+            args.overrides = [*(args.overrides or []), *extra]
         return args.func(args)
     except JaxllamaError as e:
         if debug:
@@ -391,7 +421,8 @@ def entry() -> None:
     JAX's and the input pipeline's native threads mid-work. Checkpoints are unaffected: a save cut
     short stays a temporary folder that resume skips."""
     code = main()
-    if code == INTERRUPTED:
+    if code != 0:  # failed or interrupted: skip interpreter shutdown, where half-stopped native and
+        # checkpoint threads print tracebacks of their own after our one line
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -6,7 +6,9 @@ A step directory ``<dir>/<step>/`` holds five Orbax items:
 - ``model``: the resolved model config (so ``load_params`` needs nothing else);
 - ``train``: step, seed and the full resolved config (the train step takes no RNG: with the seed
   and the step, which the optimizer state and the data position also encode, a resume is exact);
-- ``data``: every process's data-source state in its own file (``PerProcessJsonHandler``).
+- ``data``: every process's data-source state in its own file (``PerProcessJsonHandler``);
+- ``checksums``: a hash of every array of ``params`` and ``opt_state`` (:mod:`.checksum`), compared on
+  restore, so bytes changed in place are caught like any other damage.
 
 Orbax writes a step into a temporary directory and renames it when every process has finished
 (or, on object stores, writes a commit marker), so an interrupted save is never listed; old steps
@@ -24,8 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxllama.checkpoint.checksum import tree_checksums, verify_tree
 from jaxllama.checkpoint.handlers import PerProcessJsonHandler, PerProcessJsonRestore, PerProcessJsonSave
-from jaxllama.checkpoint.params import MODEL, PARAMS, as_path, check_shapes, model_config_dict
+from jaxllama.checkpoint.params import CHECKSUMS, MODEL, PARAMS, as_path, check_shapes, model_config_dict, \
+    recorded_checksums
 from jaxllama.config import SHAPE_FIELDS, CheckpointConfig, Config
 from jaxllama.errors import ConfigError, RunError
 
@@ -52,8 +56,11 @@ class TrainCheckpoints:
             enable_async_checkpointing=ccfg.async_save, cleanup_tmp_directories=True)
         handlers = {PARAMS: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
                     MODEL: ocp.JsonCheckpointHandler(), TRAIN: ocp.JsonCheckpointHandler(),
-                    DATA: PerProcessJsonHandler()}
-        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+                    DATA: PerProcessJsonHandler(), CHECKSUMS: ocp.JsonCheckpointHandler()}
+        try:
+            self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise ConfigError(f"checkpoint.dir {self.directory}: cannot create it ({e.strerror or e})") from None
         self.block_times: list[float] = []
 
     def _report_incomplete(self) -> None:
@@ -69,21 +76,28 @@ class TrainCheckpoints:
         """Every ``checkpoint.every`` steps, and at the end (or preemption)."""
         return final or bool(self.every and step % self.every == 0)
 
-    def save(self, step: int, state: Any, cfg: Config, data_state: dict) -> float:
-        """Start saving ``state`` as ``step``; returns (and reports) the seconds the caller was blocked."""
+    def save(self, step: int, state: Any, cfg: Config, data_state: dict, loss: float | None = None) -> float:
+        """Start saving ``state`` as ``step``; returns (and reports) the seconds the caller was blocked.
+        ``loss``: the last step's, recorded so a resume can tell a damaged checkpoint from a diverged run."""
         # Steps are dispatched ahead: wait for them to finish computing first, so the figure is the
         # save's own cost, not the queued steps' compute time.
         jax.block_until_ready(state)
+        self._check_space(state)
         start = time.perf_counter()
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(state.params),
             OPT_STATE: ocp.args.StandardSave(state.opt_state),
             MODEL: ocp.args.JsonSave(model_config_dict(cfg.model)),
             TRAIN: ocp.args.JsonSave(dict(step=step, seed=cfg.train.seed, process_count=jax.process_count(),
-                                          config=cfg.to_dict())),
+                                          loss=loss, config=cfg.to_dict())),
             DATA: PerProcessJsonSave(data_state),
+            CHECKSUMS: ocp.args.JsonSave({PARAMS: tree_checksums(state.params),
+                                          OPT_STATE: tree_checksums(state.opt_state)}),
         })
-        self.mngr.save(step, args=args, force=True)
+        try:
+            self.mngr.save(step, args=args, force=True)  # also reports the previous save's failure, if any
+        except Exception as e:  # noqa: BLE001 - a failed write (disk full, permissions): one line, older steps kept
+            raise self._save_failed(e) from None
         blocked = time.perf_counter() - start
         self.block_times.append(blocked)
         self.say(f"checkpoint at step {step}: the save blocked training for {1000 * blocked:.0f} ms"
@@ -91,22 +105,52 @@ class TrainCheckpoints:
         return blocked
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        try:
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+        except Exception as e:  # noqa: BLE001 - the last save failed in the background
+            raise self._save_failed(e) from None
 
-    def restore_latest(self, state: Any, shardings: Any, model_cfg: Any) -> tuple[int, Any, dict] | None:
+    def _save_failed(self, e: Exception) -> RunError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = "No space left on device" if "No space left" in first else first[:300]
+        return RunError(f"checkpoint save in {self.directory} failed ({cause}); the earlier complete checkpoints are "
+                        "kept and a rerun resumes from the newest")
+
+    def _check_space(self, state: Any) -> None:
+        """Refuse a save that cannot fit on a local disk before starting it (a write that runs out of space
+        midway is reported by Orbax's threads many times over, and leaves a temporary folder)."""
+        if "://" in str(self.directory):
+            return
+        import shutil
+
+        need = sum(s.data.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                   for s in getattr(x, "addressable_shards", ()) if s.replica_id == 0)
+        free = shutil.disk_usage(self.directory).free
+        if free < 1.1 * need + (16 << 20):
+            raise RunError(f"checkpoint.dir {self.directory}: {free / 2**20:,.1f} MiB free, a checkpoint needs about "
+                           f"{need / 2**20:,.1f} MiB; free space (or set checkpoint.dir elsewhere) and rerun to resume")
+
+    def restore_latest(self, state: Any, shardings: Any, model_cfg: Any,
+                       accept: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
         """(step, state, this process's data state) of the newest readable checkpoint, or None if none.
 
         ``state``/``shardings`` give the target shapes and placement: arrays are read straight into
         the current mesh's shards, whatever mesh wrote them. Shape mismatches are config errors;
-        any other failure marks the step damaged, moves it aside, and tries the previous one.
+        any other failure marks the step damaged, moves it aside, and tries the previous one: unreadable
+        files, arrays whose checksum differs, and a data state ``accept`` (the input pipeline's
+        ``restore``) rejects.
         """
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
             self._check_shapes(step, state, model_cfg)
             try:
                 restored = self._restore(step, state, shardings)
+                if accept is not None:
+                    accept(restored[2])
                 error = None
+            except ConfigError:  # the user's to fix (e.g. another data source): nothing is damaged
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure marks the step as damaged
                 restored, error = None, (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             if _all_agree(error is None):
@@ -133,6 +177,10 @@ class TrainCheckpoints:
         saved_step = int(out[TRAIN]["step"])
         if saved_step != step:
             raise RunError(f"step directory {step} records step {saved_step}")
+        sums = recorded_checksums(self.directory / str(step))
+        verify_tree(out[PARAMS], sums.get(PARAMS), "params")
+        verify_tree(out[OPT_STATE], sums.get(OPT_STATE), "opt_state")
+        self.recorded_loss = out[TRAIN].get("loss")
         step_array = jax.device_put(np.asarray(step, np.int32), shardings.step)
         new_state = state.replace(step=step_array, params=out[PARAMS], opt_state=out[OPT_STATE])
         return step, new_state, out[DATA]

@@ -1,7 +1,8 @@
 """Parameters alone: save them with their model config, load them from any checkpoint we write.
 
 ``save_params`` writes an Orbax composite checkpoint with two items, ``params`` (the canonical
-tree) and ``model`` (the resolved :class:`ModelConfig` as JSON), so a loader needs nothing else.
+tree) and ``model`` (the resolved :class:`ModelConfig` as JSON), so a loader needs nothing else,
+plus ``checksums`` (:mod:`.checksum`), which every reader compares with what it read.
 A training checkpoint step has the same two items (plus optimizer, train and data state), so
 ``load_params`` reads either the same way, and a run dir resolves to its latest complete step.
 Paths go through Orbax/TensorStore unchanged, so ``gs://...`` works like a local folder.
@@ -20,10 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxllama.checkpoint.checksum import leaf_name, per_layer, tree_checksums, verify_slice, verify_tree
 from jaxllama.config import ModelConfig
 from jaxllama.errors import ConfigError, RunError
 
-PARAMS, MODEL = "params", "model"
+PARAMS, MODEL, CHECKSUMS = "params", "model", "checksums"
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/<step>/
 
 
@@ -59,7 +61,15 @@ def save_params(path: str, params: Any, model_cfg: ModelConfig) -> None:
         ckptr.save(target, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params),
             MODEL: ocp.args.JsonSave(model_config_dict(model_cfg)),
+            CHECKSUMS: ocp.args.JsonSave({PARAMS: tree_checksums(params)}),
         }))
+
+
+def recorded_checksums(d: epath.Path) -> dict:
+    """The ``checksums`` item of a directory (``{}`` for checkpoints written before there were any)."""
+    if not (d / CHECKSUMS).is_dir():
+        return {}
+    return ocp.JsonCheckpointHandler().restore(d / CHECKSUMS) or {}
 
 
 def is_params_dir(path: epath.Path) -> bool:
@@ -113,7 +123,7 @@ def _reader() -> Iterator[ocp.Checkpointer]:
     with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
             PARAMS: ocp.StandardCheckpointHandler(), MODEL: ocp.JsonCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(), "train": ocp.JsonCheckpointHandler(),
-            "data": PerProcessJsonHandler()})) as ckptr:
+            "data": PerProcessJsonHandler(), CHECKSUMS: ocp.JsonCheckpointHandler()})) as ckptr:
         yield ckptr
 
 
@@ -152,6 +162,8 @@ def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = Non
         target = params_target(meta, str(step_dir), shardings, dtype)
         out = ckptr.restore(step_dir, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardRestore(target), MODEL: ocp.args.JsonRestore()}))
+    if dtype is None:  # a cast on read changes the bits; the stored ones were checked by the last save's reader
+        verify_tree(out[PARAMS], recorded_checksums(step_dir).get(PARAMS), f"{step_dir}: params")
     return out[PARAMS], model_config_from_dict(out[MODEL], str(step_dir / MODEL))
 
 
@@ -187,16 +199,35 @@ def load_params(path: str, shardings: Any = None, dtype: Any = None) -> tuple[An
 
 
 class LazyArray:
-    """One stored parameter, read on indexing: ``a[i]`` reads layer i only; ``np.asarray(a)`` reads it all."""
+    """One stored parameter, read on indexing: ``a[i]`` reads layer i only; ``np.asarray(a)`` reads it all.
+    Each read is checked against the checksums recorded at save (``sums``: one pair per layer for stacked
+    arrays, else one), so conversion never writes out damaged weights."""
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, name: str = "", sums: list | None = None, where: str = ""):
         self.store, self.shape, self.dtype = store, tuple(store.shape), np.dtype(store.dtype.numpy_dtype)
+        self.name, self.sums, self.where = name, sums, where
+        self.layered = per_layer(name, len(self.shape))
+
+    def _check(self, out: np.ndarray, layer: int | None) -> np.ndarray:
+        if self.sums is not None:
+            label = f"{self.where}: {self.name}" + ("" if layer is None else f" (layer {layer})")
+            if layer is not None:
+                verify_slice(out, self.sums[layer], label)
+            elif self.layered:
+                for i in range(out.shape[0]):
+                    verify_slice(out[i], self.sums[i], f"{label} (layer {i})")
+            else:
+                verify_slice(out, self.sums[0], label)
+        return out
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        return self.store[index].read().result()
+        out = self.store[index].read().result()
+        if self.layered and isinstance(index, (int, np.integer)):
+            return self._check(out, int(index) % self.shape[0])
+        return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self.store.read().result()
+        out = self._check(self.store.read().result(), None)
         return out if dtype is None else out.astype(dtype)
 
 
@@ -212,10 +243,10 @@ def open_params(path: str) -> tuple[dict[str, Any], ModelConfig]:
         with _reader() as ckptr:
             meta = ckptr.metadata(d).item_metadata[PARAMS].tree
         model_cfg = read_model_config(d)
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): m
-                for path, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        flat = {leaf_name(path): m for path, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        sums = recorded_checksums(d).get(PARAMS, {})
         try:
-            arrays = {k: LazyArray(_open_leaf(d / PARAMS, k)) for k in flat}
+            arrays = {k: LazyArray(_open_leaf(d / PARAMS, k), k, sums.get(k), str(d)) for k in flat}
         except Exception:  # noqa: BLE001 - not the layout we know: fall back to Orbax's whole-array restore
             params, model_cfg = restore_params(d)
             return {k: v for k, v in _flat_leaves(params)}, model_cfg

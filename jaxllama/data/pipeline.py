@@ -211,8 +211,12 @@ class TextSource:
         if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
             raise RunError(f"data state was saved by process {state['process_index']} of {state['process_count']}, "
                            f"this is process {self.process_index} of {self.process_count}")
+        for key in ("epoch", "docs"):
+            v = state.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RunError(f"data state: {key} {str(v)[:40]!r} is not a count")
         self.close()
-        self.epoch, self.docs = int(state["epoch"]), int(state["docs"])
+        self.epoch, self.docs = state["epoch"], state["docs"]
         self.packer = make_packer(self.d, self.tok)
         self.packer.restore(decode_arrays(state["packer"]))
         self._consumed = None

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxllama.errors import RunError
+
 LANGUAGE_SEED = 1234  # the chain itself is fixed; train.seed only changes which paths are sampled
 
 
@@ -72,7 +74,10 @@ class SyntheticSource:
         return {"position": self.position}
 
     def restore(self, state: dict) -> None:
-        self.position = int(state["position"])
+        position = state.get("position") if isinstance(state, dict) else None
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise RunError(f"data state: position {str(position)[:40]!r} is not a batch count")
+        self.position = position
 
     def close(self) -> None:
         pass

@@ -199,6 +199,8 @@ class Engine:
         if chunk < 1:
             raise ConfigError(f"--chunk: must be >= 1, got {chunk}")
         self.check_prompts(prompts)
+        # No row can outgrow the context: capping here keeps a huge --max-new-tokens from sizing buffers.
+        max_new_tokens = min(max_new_tokens, self.arch.max_position - min(len(p) for p in prompts))
         n_rows = len(prompts)
         b = _round_up(n_rows, self.layout.shards("activation_batch"))
         longest = max(len(p) for p in prompts)

@@ -25,11 +25,12 @@ from jaxllama.checkpoint.manager import TrainCheckpoints
 from jaxllama.checkpoint.params import as_path, complete_steps
 from jaxllama.checkpoint.preemption import PreemptionWatch
 from jaxllama.config import Config, save_config
-from jaxllama.errors import ConfigError
+from jaxllama.errors import ConfigError, RunError
 from jaxllama.plan import check_host_memory
 from jaxllama.program import Program, build_program
 from jaxllama.program.step import TrainState
 from jaxllama.train.metrics import MetricsLog, beside_bars
+from jaxllama.train.run_lock import RunLock
 
 
 @dataclass
@@ -132,21 +133,31 @@ def new_run_dir(root: str = "runs") -> str:
     return str(path)
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, bool, list[str]]:
-    """(the run dir, whether this call created it, the settings that differ from its earlier
-    config.yaml), with the resolved config written into it."""
+def make_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """(the run dir, whether this call created it). Its ``config.yaml`` is written only once the run
+    is accepted (:func:`write_run_config`): a refused resume leaves the earlier one as it was."""
     if cfg.run_dir is None:
         cfg.run_dir = new_run_dir()
+    if not str(cfg.run_dir).strip():
+        raise ConfigError("run_dir: empty; name a folder (or leave it unset for runs/<timestamp>)")
     run_dir = Path(cfg.run_dir)
     fresh = not run_dir.exists()
-    changed: list[str] = []
     if jax.process_index() == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"run_dir {run_dir}: cannot create it ({e.strerror})") from None
-        changed = save_config(cfg, run_dir / "config.yaml")
-    return run_dir, fresh, changed
+    return run_dir, fresh
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> list[str]:
+    """Write RUN_DIR/config.yaml (process 0); returns the settings that differ from the one it replaces."""
+    if jax.process_index() != 0:
+        return []
+    try:
+        return save_config(cfg, run_dir / "config.yaml")
+    except OSError as e:
+        raise RunError(f"{run_dir / 'config.yaml'}: cannot write it ({e.strerror})") from None
 
 
 def checkpoint_dir(cfg: Config, run_dir: Path) -> str:
@@ -167,7 +178,7 @@ def refuse_existing(cfg: Config) -> None:
 def trim_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics logged after ``step`` (they are re-logged by the resumed run); temp file + rename.
 
-    A line cut short by a kill mid-write is dropped too.
+    A line cut short by a kill mid-write is dropped too, and so is all but the last line of a step.
     """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -179,7 +190,13 @@ def trim_metrics(run_dir: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             return math.inf
 
-    kept = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
+    kept, seen = [], set()
+    for line in reversed(path.read_text().splitlines()):  # a step logged twice (an older run's line): keep the last
+        at = logged_step(line)
+        if at <= step and at not in seen:
+            seen.add(at)
+            kept.append(line)
+    kept.reverse()
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -191,7 +208,7 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
 
     ``source``: a :class:`jaxllama.data.sources.BatchSource` (default: ``data.source``). Returns the
     summary (also printed as one line); ``summary["preempted"]`` is True when SIGTERM stopped the run
-    after a final checkpoint.
+    after a final checkpoint. The run holds RUN_DIR's lock (:class:`RunLock`) throughout.
     """
     is_main = jax.process_index() == 0
     say = beside_bars(out) if is_main else (lambda _: None)
@@ -203,29 +220,58 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         from jaxllama.data.sources import make_source
 
         source = make_source(cfg)
-    run_dir, fresh, changed = prepare_run_dir(cfg)
-    if source.tok is not None and is_main and not (run_dir / "tokenizer").exists():
-        from jaxllama.data.tokenizers import copy_tokenizer
+    run_dir, fresh = make_run_dir(cfg)
+    lock = RunLock(run_dir)
+    try:
+        if is_main:
+            lock.acquire()
+        # SIGTERM from here on ends the run cleanly: at a step boundary after a final checkpoint, or,
+        # before the first step, at once with nothing to save (said so).
+        with PreemptionWatch() as watch:
+            return _train(cfg, trainer, source, run_dir, fresh, watch, say, is_main)
+    except BaseException:
+        if fresh and is_main and run_dir.is_dir() and not any(p.name != lock.path.name for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before anything was written: leave no folder
+        raise
+    finally:
+        lock.release()
 
-        copy_tokenizer(source.tok, run_dir / "tokenizer")
+
+def _restore_or_initialize(cfg: Config, trainer: Trainer, source: Any, ckpts: Any, say: Callable) -> int:
+    """The step the run continues from: a checkpoint's (its data state accepted by ``source``), else 0."""
+    restored = ckpts.restore_latest(trainer.state, trainer.state_shardings, cfg.model, accept=source.restore) \
+        if ckpts else None
+    if restored is None:
+        trainer.initialize(say)
+        if cfg.train.init_from:
+            say(f"initialized the parameters from {cfg.train.init_from}")
+        return 0
+    start, trainer.state, _ = restored
+    trainer.attach_base(say)
+    say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
+    return start
+
+
+def _train(cfg: Config, trainer: Trainer, source: Any, run_dir: Path, fresh: bool, watch: PreemptionWatch,
+           say: Callable[[str], None], is_main: bool) -> dict:
     from jaxllama.train.evaluate import Evaluator, wants_eval
 
     evaluator = Evaluator(trainer.program) if wants_eval(cfg) else None
     t, c = cfg.train, cfg.checkpoint
     ckpts = TrainCheckpoints(checkpoint_dir(cfg, run_dir), c, say) if c.enabled else None
-    restored = ckpts.restore_latest(trainer.state, trainer.state_shardings, cfg.model) if ckpts else None
-    start = 0
-    if restored is not None:
-        start, trainer.state, data_state = restored
-        trainer.attach_base(say)
-        source.restore(data_state)
-        say(f"resumed from the checkpoint at step {start} in {ckpts.directory}")
-        if changed:
-            say(f"resumed with settings changed since the run's config.yaml (now rewritten): {'; '.join(changed)}")
-    else:
-        trainer.initialize(say)
-        if t.init_from:
-            say(f"initialized the parameters from {t.init_from}")
+    try:
+        start = _restore_or_initialize(cfg, trainer, source, ckpts, say)
+        changed = write_run_config(cfg, run_dir)  # the run is accepted: its config replaces the earlier one
+    except BaseException:
+        if ckpts:
+            ckpts.close()
+        raise
+    if start and changed:
+        say(f"resumed with settings changed since the run's config.yaml (now rewritten): {'; '.join(changed)}")
+    if source.tok is not None and is_main and not (run_dir / "tokenizer").exists():
+        from jaxllama.data.tokenizers import copy_tokenizer
+
+        copy_tokenizer(source.tok, run_dir / "tokenizer")
     if is_main:
         trim_metrics(run_dir, start)
     if start >= t.steps:
@@ -248,37 +294,50 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
     try:
         batch = trainer.global_batch(next(source))
     except BaseException:  # the data failed before any step (no documents, a bad record): leave no empty run
+        log.close()
+        if ckpts:
+            ckpts.close()
         if fresh and is_main:
-            log.close()
-            if ckpts:
-                ckpts.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     say("compiling the train step...")
     say(f"compiled the train step in {trainer.compile(batch):.1f}s")
-    preempted = False
+    preempted = early = False
+    recorded = getattr(ckpts, "recorded_loss", None) if start else None
     try:
-        with PreemptionWatch() as watch:
-            for step in range(start, t.steps):
-                if step > start:
-                    batch = trainer.global_batch(next(source))
-                log.add(trainer.step(batch))
-                done = step + 1
-                preempted = watch.reached(done)
-                final = preempted or done == t.steps
-                if ckpts and ckpts.due(done, final):
-                    log.note({"checkpoint_block_s": ckpts.save(done, trainer.state, cfg, source.state())})
-                if evaluator and evaluator.due(done):
-                    result = evaluator(trainer.state.model_tree())
-                    log.note(result, paused_s=result["eval_time_s"])  # throughput counts training time only
-                if log.due(done, final):
-                    log.flush(done)
-                if preempted:
-                    break
+        for step in range(start, t.steps):
+            if step == start and watch.reached(step):  # SIGTERM before the first step: nothing new to save
+                preempted = early = True
+                break
+            if step > start:
+                batch = trainer.global_batch(next(source))
+            metrics = trainer.step(batch)
+            log.add(metrics)
+            if step == start and recorded is not None:
+                check_resumed_loss(float(metrics["loss"]), recorded, start, ckpts.directory)
+            done = step + 1
+            preempted = watch.reached(done)
+            final = preempted or done == t.steps
+            if ckpts and ckpts.due(done, final):
+                loss = float(metrics["loss"])
+                log.note({"checkpoint_block_s": ckpts.save(done, trainer.state, cfg, source.state(), loss)})
+            if evaluator and evaluator.due(done):
+                result = evaluator(trainer.state.model_tree())
+                log.note(result, paused_s=result["eval_time_s"])  # throughput counts training time only
+            if log.due(done, final):
+                log.flush(done)
+            if preempted:
+                break
     finally:
         log.close()
         if ckpts:
             ckpts.close()  # waits for a save in flight: a finished run always ends with a complete checkpoint
+    if early:
+        line = (f"preempted (SIGTERM) before the first step: nothing trained since step {start}, nothing new to "
+                f"save; run the same command to {'resume' if start else 'start again'}; run dir {run_dir}")
+        say(line)
+        return dict(steps=start, history=[], run_dir=str(run_dir), preempted=True, resumed_from=start, line=line,
+                    checkpoint_block_s=[])
     summary = summarize(log.history, t.steps, run_dir)
     summary.update(preempted=preempted, resumed_from=start, checkpoint_block_s=ckpts.block_times if ckpts else [])
     if preempted:
@@ -287,6 +346,16 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         summary["line"] = f"preempted (SIGTERM) at step {log.history[-1]['step']}: {saved}; run dir {run_dir}"
     say(summary["line"])
     return summary
+
+
+def check_resumed_loss(loss: float, recorded: float, step: int, directory: Any) -> None:
+    """The first loss after a resume is non-finite although the checkpoint's last loss was finite: the
+    restored values are wrong (damage the checksums could not see, e.g. a checkpoint written before
+    they existed). Stop before anything is saved over the good checkpoints."""
+    if not math.isfinite(loss) and recorded is not None and math.isfinite(recorded):
+        raise RunError(f"resumed from step {step} in {directory}, whose recorded loss was {recorded:.4f}, but the "
+                       f"first loss after resuming is {loss}: the checkpoint is likely damaged; nothing was saved "
+                       f"(move {directory}/{step} aside to resume from the previous step)")
 
 
 def summarize(history: list[dict], steps: int, run_dir: Path) -> dict:

@@ -3,6 +3,8 @@
 ``load_config("configs/llama3-8b.yaml", ["mesh.fsdp=-1", "optim.lr=3e-4"])`` returns a
 :class:`Config` whose model fields are resolved from the preset and which has passed every check
 that does not need devices. Every problem raises :class:`ConfigError` with one line naming the key.
+Files and override values are read with bounds (size, nesting, YAML alias expansion; see
+:mod:`jaxllama.config_checks`), and values quoted in errors are cut, so hostile input fails fast.
 The defaults *are* the CPU demo that ``jaxllama train`` runs with no arguments.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,11 @@ from typing import Any
 
 import yaml
 
+from jaxllama.config_checks import (MAX_RECORD_BYTES, check_size, coerce, cut, exists, load_yaml,  # noqa: F401
+                                    one_line, parse_rules, parse_value, read_yaml_file, short, validate_rules)
 from jaxllama.errors import ConfigError
 from jaxllama.model.presets import PRESETS
 from jaxllama.parallel.mesh import AXES
-from jaxllama.parallel.sharding import LOGICAL_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
@@ -120,6 +122,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # else hold out this fraction of the training source's documents
     prefetch: int = 4  # batches prepared ahead in a background thread
     skip_bad_records: bool = False  # skip (and count) empty files, invalid UTF-8, bad JSONL/TFRecord records
+    max_record_bytes: int = MAX_RECORD_BYTES  # a larger JSONL line, TFRecord record or text document is a bad record
     # chat / prompt_completion (fine-tuning; see jaxllama/data/chat_data.py):
     loss_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all (every token)
     chat_template: str = "auto"  # auto (the tokenizer's Jinja template, else Llama 3/2 by its tokens) | jinja | llama3 | llama2
@@ -235,15 +238,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (), checkpoint_model: Any = None) -> Config:
-    """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated."""
+    """A Config from a nested dict (e.g. a run's saved config.yaml) and ``key=value`` overrides, validated.
+    Every error is one line of bounded length, whatever the input quoted in it."""
+    try:
+        return _config_from_dict(tree, overrides, checkpoint_model)
+    except ConfigError as e:
+        if one_line(str(e)) != str(e):  # a safety net under the quoting of values (config_checks.short)
+            raise ConfigError(one_line(str(e))) from None
+        raise
+
+
+def _config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...], checkpoint_model: Any) -> Config:
+    check_size(tree, "config")
     cfg = Config()
     _apply_tree(cfg, tree, prefix="")
     preset_given = isinstance(tree.get("model"), dict) and "preset" in tree["model"]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
-        _set(cfg, key.strip(), _parse_scalar(raw))
+            raise ConfigError(f"override {short(item)}: expected key=value, e.g. train.steps=100")
+        _set(cfg, key.strip(), _parse_scalar(raw, key.strip()))
         preset_given = preset_given or key.strip() == "model.preset"
     if cfg.train.init_from and not preset_given and checkpoint_model is not None:
         _model_from_checkpoint(cfg, checkpoint_model)
@@ -260,8 +274,8 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (), ch
 def _model_from_checkpoint(cfg: Config, read: Any) -> None:
     """Fine-tuning without a preset: the architecture of ``train.init_from`` (fields set explicitly win)."""
     path = cfg.train.init_from
-    if "://" not in path and not Path(path).expanduser().exists():
-        raise ConfigError(f"train.init_from: {path}: no such file or folder")
+    if "://" not in path and not exists(path):
+        raise ConfigError(f"train.init_from: {cut(path)}: no such file or folder")
     try:
         stored = read(path)
     except ConfigError as e:
@@ -278,15 +292,15 @@ def save_config(cfg: Config, path: str | Path) -> list[str]:
     so a resumed run can say which settings it changed."""
     path = Path(path)
     try:
-        before = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
+        before = load_yaml(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         before = None
     now = cfg.to_dict()
     path.write_text(yaml.safe_dump(now, sort_keys=False))
     if not isinstance(before, dict):
         return []
     old, new = _flat(before), _flat(now)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
+    return [f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in new if k in old and old[k] != new[k]]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -300,27 +314,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    tree = read_yaml_file(path)  # bounded: size, depth, alias expansion, binary (see config_checks)
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(f"config file {cut(path)}: expected a mapping of sections, got {type(tree).__name__}")
     return tree
 
 
-def _parse_scalar(raw: str) -> Any:
-    """Values are YAML scalars/lists: 3e-4, true, [a, b]; anything unparsable stays a string."""
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
+def _parse_scalar(raw: str, key: str = "value") -> Any:
+    """Values are YAML scalars/lists: 3e-4, true, [a, b]; anything unparsable stays a string (bounded:
+    an alias bomb or deep nesting is an error naming ``key``)."""
+    return parse_value(raw, key)
 
 
 def _apply_tree(obj: Any, tree: dict, prefix: str) -> None:
@@ -340,17 +345,18 @@ def _set(obj: Any, key: str, value: Any, full: str | None = None) -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     section = full[: len(full) - len(key)].rstrip(".")
     if head not in names:
-        raise ConfigError(_unknown(full, names, section))
+        raise ConfigError(_unknown(cut(full), names, section))
     current = getattr(obj, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{full}: unknown key ({full[: len(full) - len(rest) - 1]} is a value, not a section)")
+            raise ConfigError(f"{cut(full)}: unknown key ({cut(full[: len(full) - len(rest) - 1])} is a value, not a "
+                              "section)")
         _set(current, rest, value, full)
         return
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{dataclasses.fields(current)[0].name}=...")
     hint = typing.get_type_hints(type(obj))[head]
-    setattr(obj, head, _coerce(full, value, hint))
+    setattr(obj, head, coerce(full, value, hint))
 
 
 def _unknown(full: str, names: set[str], section: str) -> str:
@@ -361,45 +367,6 @@ def _unknown(full: str, names: set[str], section: str) -> str:
     return f"unknown config key {full}{hint}; {('keys of ' + section) if section else 'sections'}: {', '.join(options)}"
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's annotation; ints may become floats, nothing else converts."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if hint is list or typing.get_origin(hint) is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Preset resolution and validation
 
@@ -407,7 +374,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def resolve_model(m: ModelConfig) -> None:
     """Fill every None architecture field from the preset (in place)."""
     if m.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"model.preset: unknown preset {short(m.preset)}; choose one of {', '.join(PRESETS)}")
     preset = {**dict(rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                      rope_original_max_position=8192, tie_embeddings=False, head_dim=None), **PRESETS[m.preset]}
     for name, value in preset.items():
@@ -419,12 +386,12 @@ def resolve_model(m: ModelConfig) -> None:
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+        raise ConfigError(f"{key}: {short(value)} is not one of {', '.join(options)}")
 
 
 def _positive(key: str, value: float | int) -> None:
     if value <= 0:
-        raise ConfigError(f"{key}: must be positive, got {value}")
+        raise ConfigError(f"{key}: must be positive, got {short(value)}")
 
 
 def validate(cfg: Config) -> None:
@@ -477,8 +444,13 @@ def validate(cfg: Config) -> None:
     if not 0 < o.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
     _choice("optim.schedule", o.schedule, SCHEDULES)
-    if t.init_from and "://" not in t.init_from and not Path(t.init_from).expanduser().exists():
-        raise ConfigError(f"train.init_from: {t.init_from}: no such file or folder")
+    if t.init_from and "://" not in t.init_from and not exists(t.init_from):
+        raise ConfigError(f"train.init_from: {cut(t.init_from)}: no such file or folder")
+    if not 0 <= t.seed < 2**32:  # JAX keys take 32 bits (a larger seed is silently truncated); NumPy refuses < 0
+        raise ConfigError(f"train.seed: must be in [0, 2^32), got {t.seed}")
+    if cfg.run_dir is not None and not cfg.run_dir.strip():  # Path("") is the current folder
+        raise ConfigError("run_dir: empty; name a folder (or leave it unset for runs/<timestamp>)")
+    _positive("data.max_record_bytes", d.max_record_bytes)
     if t.eval_every < 0 or t.eval_batches < 0:
         raise ConfigError("train.eval_every and train.eval_batches must be >= 0")
     for name in ("steps", "log_every", "grad_accum", "max_nonfinite"):
@@ -523,8 +495,8 @@ def _validate_objective(cfg: Config) -> None:
     if (mode == "separate" or (mode == "cached" and not t.lora.rank)) and not (p.reference_path or t.init_from):
         raise ConfigError(f"train.dpo.reference={mode} needs the reference's weights: set train.dpo.reference_path "
                           "(or train.init_from, which it defaults to)")
-    if p.reference_path and "://" not in p.reference_path and not Path(p.reference_path).expanduser().exists():
-        raise ConfigError(f"train.dpo.reference_path: {p.reference_path}: no such file or folder")
+    if p.reference_path and "://" not in p.reference_path and not exists(p.reference_path):
+        raise ConfigError(f"train.dpo.reference_path: {cut(p.reference_path)}: no such file or folder")
 
 
 def reference_mode(cfg: Config) -> str:
@@ -561,29 +533,11 @@ def _validate_lora(lora: LoraConfig) -> None:
         raise ConfigError(f"train.lora.targets: empty; name some of {', '.join(LORA_TARGETS)}")
     for name in targets:
         if name not in LORA_TARGETS:
-            close = difflib.get_close_matches(str(name), LORA_TARGETS, n=1)
+            close = difflib.get_close_matches(cut(str(name)), LORA_TARGETS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"train.lora.targets: {name!r} matches no linear layer of the blocks{hint}; "
+            raise ConfigError(f"train.lora.targets: {short(name)} matches no linear layer of the blocks{hint}; "
                               f"they are {', '.join(LORA_TARGETS)}")
     lora.targets = list(dict.fromkeys(targets))
-
-
-def parse_rules(text: str, key: str = "--rules") -> list:
-    """Logical-axis rules for inference: a YAML list as in ``mesh.rules`` (``"[[kv_heads, null]]"`` is
-    not a merge: give the whole table), or a YAML file: a bare list, or a config (a run's config.yaml)
-    whose ``mesh.rules`` is taken."""
-    path = Path(text).expanduser()
-    if path.is_file():
-        tree = yaml.safe_load(path.read_text()) if path.stat().st_size else None
-        rules = tree.get("mesh", {}).get("rules") if isinstance(tree, dict) else tree
-        where = f"{key} {text}"
-    else:
-        rules, where = _parse_scalar(text), key
-    if not isinstance(rules, list):
-        raise ConfigError(f"{where}: expected a list of [logical_name, mesh_axes] rules (or a config file with "
-                          "mesh.rules)")
-    _validate_rules(rules, where)
-    return rules
 
 
 def _validate_mesh_shape(mesh: MeshConfig) -> None:
@@ -595,21 +549,7 @@ def _validate_mesh_shape(mesh: MeshConfig) -> None:
         raise ConfigError(f"mesh: at most one of data, fsdp, tensor may be -1, got {sizes}")
     for k in AXES:
         _positive(f"mesh.dcn_{k}", getattr(mesh, f"dcn_{k}"))
-    _validate_rules(mesh.rules, "mesh.rules")
-
-
-def _validate_rules(rules: list, key: str) -> None:
-    for i, rule in enumerate(rules):
-        ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
-        axes = rule[1] if ok else None
-        axes = [axes] if isinstance(axes, str) or axes is None else axes
-        if not ok or not isinstance(axes, (list, tuple)) or any(a not in AXES for a in axes if a is not None):
-            raise ConfigError(f"{key}[{i}]: expected [logical_name, mesh_axis or [mesh_axes]] with axes "
-                              f"from {', '.join(AXES)}; got {rule!r}")
-        if rule[0] not in LOGICAL_NAMES:  # a typo would silently leave its dimension unsharded
-            close = difflib.get_close_matches(rule[0], LOGICAL_NAMES, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{key}[{i}]: {rule[0]!r} is not a logical axis{hint}; they are {', '.join(LOGICAL_NAMES)}")
+    validate_rules(mesh.rules, "mesh.rules")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -623,11 +563,11 @@ def parse_size(text: str, key: str) -> int:
     SI units are decimal (an "80GB" H100 reads as 74.5 GiB, the conservative side of its 79.6 GiB
     usable); write GiB (or G) for binary.
     """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text)[:100])
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 80GB, 95GiB, 16G or a number of bytes")
+        raise ConfigError(f"{key}: {short(text)} is not a size; write e.g. 80GB, 95GiB, 16G or a number of bytes")
     value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"{key}: must be positive, got {text!r}")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{key}: must be positive and finite, got {short(text)}")
     return int(value)

@@ -16,7 +16,9 @@ A document longer than a row (``seq_len + 1`` tokens: ``seq_len`` input/target p
 ``data.truncate``: ``right`` (keep the start: the default, as TRL and MaxText), ``left`` (keep the
 end) or ``drop``; truncated and dropped documents are counted. A document with no trained target
 left is a bad record (an error naming file:line, or skipped and counted with
-``data.skip_bad_records``): training on it would teach nothing and hide the mistake.
+``data.skip_bad_records``): training on it would teach nothing and hide the mistake. So is a line
+longer than ``data.max_record_bytes`` (default 16 MiB), refused before it is parsed: one 50 MB line
+would otherwise cost minutes and gigabytes to parse, render and tokenize.
 
 Encoded documents travel through tf.data as bytes (int32 ids then uint8 mask), see :func:`pack_doc`.
 """
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from jaxllama.config_checks import MAX_RECORD_BYTES, cut, short
 from jaxllama.errors import ConfigError
 from jaxllama.data.chat_format import ROLES, Rendered, render_chat, resolve_format
 
@@ -54,6 +57,7 @@ class ChatEncoder:
     add_bos: bool = True
     truncated: int = 0
     dropped: int = 0
+    max_record_bytes: int = MAX_RECORD_BYTES  # a longer JSONL line is a BadRecord (see encode_line)
 
     def __post_init__(self):
         if self.fmt not in CHAT_FORMATS:
@@ -83,7 +87,7 @@ class ChatEncoder:
             rendered = render_chat(messages, self.tok, self.template, add_generation_prompt=False,
                                    key="data.chat_template")
         except ConfigError as e:
-            raise BadRecord(str(e)) from None
+            raise BadRecord(cut(str(e), 500)) from None
         if not rendered.spans:
             raise BadRecord("the chat template renders no assistant output ({% generation %} tags that are "
                             "never reached?), so nothing would be trained")
@@ -155,7 +159,7 @@ def _messages(value: Any, key: str) -> list[dict]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRecord(f"{key}[{i}] must be an object with \"role\" and \"content\"")
         if m["role"] not in ROLES:
-            raise BadRecord(f"{key}[{i}]: unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
+            raise BadRecord(f"{key}[{i}]: unknown role {short(m['role'])} (roles: {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise BadRecord(f"{key}[{i}]: content must be a string, got {type(m['content']).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
@@ -194,11 +198,27 @@ def encoder_for(d: Any, tok: Any) -> Any:
 
         return preference_encoder(d, tok)
     return ChatEncoder(tok, d.format, d.loss_on, d.chat_template, d.truncate, d.seq_len,
-                       tok.add_bos if d.add_bos is None else d.add_bos)
+                       tok.add_bos if d.add_bos is None else d.add_bos, max_record_bytes=d.max_record_bytes)
+
+
+def oversized(text: str, limit: int) -> str | None:
+    """Why a record of ``text`` is refused (more than ``limit`` bytes of UTF-8), or None. Exact, and
+    cheap for the common case: a string of n characters has between n and 4n bytes."""
+    if len(text) <= limit // 4:
+        return None
+    size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return None
+    return (f"{'at least ' if len(text) > limit else ''}{size} bytes, larger than data.max_record_bytes={limit} "
+            "(raise it for records this large)")
 
 
 def encode_line(encoder: Callable, line: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """One JSONL line -> (ids, mask); a problem is a :class:`BadRecord` with a one-line reason."""
+    """One JSONL line -> (ids, mask); a problem is a :class:`BadRecord` with a one-line reason. A line
+    over the encoder's ``max_record_bytes`` is refused before it is parsed."""
+    why = oversized(line.rstrip("\r\n"), getattr(encoder, "max_record_bytes", MAX_RECORD_BYTES))
+    if why:
+        raise BadRecord(why)
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -240,8 +260,8 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
     seen = 0
     for path in resolve_files(spec.pattern):
         records = chat_records(path, enc, bad) if enc else ((f"{path} document {i}", _plain(tok, d, text)) for i, text
-                                                             in enumerate(read_documents(path, d.format, d.text_key,
-                                                                                         bad), 1))
+                                                             in sized_documents(path, read_documents(
+                                                                 path, d.format, d.text_key, bad), d, bad))
         for where, doc in records:
             if doc is None:
                 out.append(f"== {where}: dropped (longer than data.seq_len + 1 and data.truncate=drop)")
@@ -269,6 +289,18 @@ def inspect_records(cfg: Any, count: int = 1, skip: int = 0, tokens: bool = Fals
     if seen <= skip:
         out.append(f"(no record after the first {skip})")
     return "\n".join(out)
+
+
+def sized_documents(path: str, docs: Iterable[str], d: Any, bad: Any) -> Iterator[tuple[int, str]]:
+    """(number, text) of a file's plain documents; one over ``data.max_record_bytes`` goes to ``bad``
+    (an error, or skipped and counted) before it is tokenized. The reader yields documents, not lines,
+    so the error names the document's number in the file (its line in a file without blank lines)."""
+    for i, text in enumerate(docs, 1):
+        why = oversized(text, d.max_record_bytes)
+        if why:
+            bad(f"{path}: document {i}", why)
+            continue
+        yield i, text
 
 
 def _plain(tok: Any, d: Any, text: str) -> tuple[np.ndarray, np.ndarray]:

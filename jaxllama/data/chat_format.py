@@ -14,6 +14,12 @@ tags, as in transformers. A template without them (Meta's stock Llama 3.1 one) i
 trained on nothing, the common bug: each assistant turn's span is the text that rendering the
 conversation up to and including that turn adds to rendering it up to the turn's generation prompt
 (a template for which that is not a prefix is an error asking for the tags).
+
+A template is code from a downloaded checkpoint, so a render has a budget as well as a sandbox: each
+loop iteration and each call is a step (at most ``MAX_STEPS``, plus a few per message), the output
+is at most ``MAX_OUTPUT`` characters plus a few times the conversation's, ``*`` and ``**`` refuse
+results past those bounds, and deep recursion or any Python error inside the template is a one-line
+:class:`ConfigError` like a Jinja error, never a hang, a traceback or gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -24,11 +30,17 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxllama.config_checks import cut, short
 from jaxllama.errors import ConfigError
 
 TEMPLATES = ("auto", "jinja", "llama3", "llama2")
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
+MAX_STEPS = 250_000  # loop iterations + calls per render; a stock template takes tens per message
+STEPS_PER_MESSAGE = 1_000
+MAX_OUTPUT = 1 << 20  # characters per render, plus OUTPUT_PER_CHAR per character of the messages
+OUTPUT_PER_CHAR = 8
+_BUDGET_NAME = "__jaxllama_budget"  # the global that every {% for %} iterable passes through
 
 
 @dataclass
@@ -108,7 +120,39 @@ def llama2_prompt(messages: Messages, bos: str = "<s>", eos: str = "</s>") -> st
 
 # -- Jinja ---------------------------------------------------------------------------------------
 
-_STATE = threading.local()  # the render in progress: output length so far and the generation spans
+_STATE = threading.local()  # the render in progress: output length so far, the generation spans, the budget
+
+
+def _step(line: int | None = None) -> None:
+    """Count one step of the render in progress; past its budget the render stops with one line."""
+    state = getattr(_STATE, "render", None)
+    if state is None:
+        return
+    state["steps"] += 1
+    if state["steps"] > state["max_steps"]:
+        where = f" line {line}" if line else ""
+        raise ConfigError(f"chat template{where}: rendering stopped after {state['max_steps']} loop steps and "
+                          "calls (its budget; no chat format needs that many)")
+
+
+def _budgeted(iterable: Any, line: int = 0) -> Any:
+    """What every ``{% for %}`` iterates: the template's iterable, one step per item."""
+    for item in iterable:
+        _step(line)
+        yield item
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """``"x" * 10**9`` or ``10 ** 10 ** 9`` would take the memory or the CPU before any step is counted."""
+    limit = MAX_OUTPUT * OUTPUT_PER_CHAR
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
+                raise ConfigError(f"chat template: {operator!r} would make a value of {len(seq) * n} items "
+                                  f"(more than {limit})")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+            right * abs(left).bit_length() > 1 << 16:
+        raise ConfigError(f"chat template: {short(left, 40)} ** {short(right, 40)} is too large a number")
 
 
 def _environment():
@@ -135,10 +179,31 @@ def _environment():
             return text
 
     def raise_exception(message):
-        raise ConfigError(f"chat template: {message}")
+        raise ConfigError(f"chat template: {cut(' '.join(str(message).split()))}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", Generation])
+    class Budgeted(ImmutableSandboxedEnvironment):
+        """The sandbox, counting steps: every call, and every loop item (the parsed ``{% for %}``
+        iterables are wrapped in ``_budgeted``), and bounding ``*`` and ``**``."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def _parse(self, source, name, filename):
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):
+                loop.iter = nodes.Call(nodes.Name(_BUDGET_NAME, "load"), [loop.iter, nodes.Const(loop.lineno)],
+                                       [], None, None).set_lineno(loop.lineno)
+            return tree
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+            _step()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    env = Budgeted(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation])
+    env.globals[_BUDGET_NAME] = _budgeted
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)  # Llama 3.1+
     env.filters.setdefault("tojson", lambda x, **kw: json.dumps(x, **kw))
@@ -153,8 +218,14 @@ def _template(source: str):
         env, jinja2 = _environment()
         try:
             _COMPILED[source] = env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"chat template line {e.lineno}: not valid Jinja ({_one(e)})") from None
         except jinja2.TemplateError as e:
-            raise ConfigError(f"chat template: not valid Jinja ({e})") from None
+            raise ConfigError(f"chat template: not valid Jinja ({_one(e)})") from None
+        except RecursionError:  # nesting deeper than the parser's recursion
+            raise ConfigError("chat template: not valid Jinja (nested too deeply)") from None
+        except Exception as e:  # noqa: BLE001 (Python's own compiler: too many nested blocks, ...)
+            raise ConfigError(f"chat template: not valid Jinja ({type(e).__name__}: {_one(e)})") from None
     return _COMPILED[source]
 
 
@@ -163,7 +234,10 @@ def _render(source: str, messages: Messages, tokenizer: Any, add_generation_prom
 
     specials = {v: k for k, v in tokenizer.special_ids().items()}
     template = _template(source)
-    _STATE.render = state = {"pos": 0, "spans": []}
+    chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
+    max_out = MAX_OUTPUT + OUTPUT_PER_CHAR * chars
+    _STATE.render = state = {"pos": 0, "spans": [], "steps": 0,
+                             "max_steps": MAX_STEPS + STEPS_PER_MESSAGE * len(messages)}
     parts: list[str] = []
     try:
         for chunk in template.generate(
@@ -172,11 +246,27 @@ def _render(source: str, messages: Messages, tokenizer: Any, add_generation_prom
                 eos_token=specials.get(tokenizer.eos_id, "") if tokenizer.eos_id is not None else ""):
             parts.append(chunk)
             state["pos"] += len(chunk)
+            if state["pos"] > max_out:
+                raise ConfigError(f"chat template: rendering stopped at {max_out} characters (its budget: "
+                                  f"{MAX_OUTPUT} plus {OUTPUT_PER_CHAR} per character of the messages)")
+    except ConfigError:
+        raise
     except jinja2.TemplateError as e:
-        raise ConfigError(f"chat template: cannot render it ({e})") from None
+        line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ConfigError(f"chat template{line}: cannot render it ({_one(e)})") from None
+    except RecursionError:
+        raise ConfigError("chat template: cannot render it (it recurses too deeply)") from None
+    except Exception as e:  # noqa: BLE001 (template code can raise anything: 1/0, "a" + 1, int("x"))
+        raise ConfigError(f"chat template: cannot render it ({type(e).__name__}: {_one(e)})") from None
     finally:
         _STATE.render = None
     return "".join(parts), state["spans"]
+
+
+def _one(e: BaseException) -> str:
+    """An exception's message, the first line only (Jinja adds the template's source), cut."""
+    text = getattr(e, "message", None) or str(e)
+    return cut(text.splitlines()[0] if text.strip() else type(e).__name__)
 
 
 def render_jinja(template: str, messages: Messages, tokenizer: Any) -> str:

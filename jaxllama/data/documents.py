@@ -6,16 +6,22 @@ reads whole files, no wasted reads), else by element (``Dataset.shard``; TFDS us
 document buffer is shuffled with a seed derived from (seed, epoch), so the same seed and process
 layout give the same documents in the same order, run after run.
 
+A record larger than ``data.max_record_bytes`` (a JSONL line, a TFRecord record, a text file) is a
+bad record, refused before it is tokenized: one 50 MB line would take minutes and gigabytes.
+
 A held-out eval fraction is chosen by a hash of the document text, so it does not depend on the
 order, the epoch or the number of processes, and train and eval never share a document.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import tensorflow as tf
 
-from jaxllama.config import DataConfig
+from jaxllama.config import MAX_RECORD_BYTES, DataConfig
+from jaxllama.data.chat_data import sized_documents
 from jaxllama.data.corpus import (BadRecords, SourceSpec, file_format, read_chat_documents, read_documents,
                                   resolve_files, stdlib_files)
 from jaxllama.errors import ConfigError
@@ -44,7 +50,7 @@ def documents(spec: SourceSpec, d: DataConfig, *, epoch: int, seed: int, shuffle
         if by_file:
             files = files[process_index::process_count]
         ds = _file_documents(files, fmt, d.text_key, bad or BadRecords(), lenient=spec.kind == "stdlib",
-                             encoder=encoder)
+                             encoder=encoder, max_bytes=d.max_record_bytes)
         if not by_file:
             ds = ds.shard(process_count, process_index)
     if holdout is not None and d.eval_fraction > 0:
@@ -61,27 +67,34 @@ def _seed(seed: int, epoch: int) -> int:
 
 
 def _file_documents(files: list[str], fmt: str, text_key: str, bad: BadRecords, lenient: bool,
-                    encoder=None) -> tf.data.Dataset:
+                    encoder=None, max_bytes: int = MAX_RECORD_BYTES) -> tf.data.Dataset:
     """Documents read in plain Python, so a bad record is reported with its file and line (or record
-    number) or skipped and counted; tokenizing, the expensive part, stays parallel in tf.data."""
+    number) or skipped and counted; tokenizing, the expensive part, stays parallel in tf.data. A
+    record over ``max_bytes`` is a bad record (chat formats: the encoder's own bound, by file:line)."""
+    limit = SimpleNamespace(max_record_bytes=max_bytes)
 
     def generate():
         for f in files:
             if encoder is not None:
                 yield from read_chat_documents(f, encoder, bad)
             elif file_format(f, fmt) == "tfrecord":
-                yield from _tfrecord_documents(f, text_key, bad)
+                yield from _tfrecord_documents(f, text_key, bad, max_bytes)
             else:
-                yield from read_documents(f, fmt, text_key, bad, lenient=lenient)
+                docs = read_documents(f, fmt, text_key, bad, lenient=lenient)
+                yield from (text for _, text in sized_documents(f, docs, limit, bad))
 
     return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
 
 
-def _tfrecord_documents(path: str, text_key: str, bad: BadRecords):
+def _tfrecord_documents(path: str, text_key: str, bad: BadRecords, max_bytes: int = MAX_RECORD_BYTES):
     """``tf.train.Example`` records of one file: the bytes feature ``text_key``, as UTF-8 text."""
     n = 0
     try:
         for n, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator(), 1):
+            if len(raw) > max_bytes:  # before parsing the Example
+                bad(f"{path}:record {n}", f"{len(raw)} bytes, larger than data.max_record_bytes={max_bytes} "
+                    "(raise it for records this large)")
+                continue
             feature = tf.train.Example.FromString(raw).features.feature.get(text_key)
             values = feature.bytes_list.value if feature is not None else []
             if len(values) != 1:

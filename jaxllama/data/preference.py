@@ -10,8 +10,8 @@ A pair always goes into one packed row (:meth:`jaxllama.data.packing.Packer.add_
 sequence as segment ``2k + 1`` and the rejected one as ``2k + 2``: the loss recovers each sequence's
 log-probability from ``segment_ids`` alone. A pair longer than a row is cut per ``data.truncate``:
 ``right``/``left`` cut each side to half a row (keeping its start / end), ``drop`` drops the pair;
-counted either way. Identical or empty responses, or a response cut away entirely, are bad records
-(file:line, or skipped and counted with ``data.skip_bad_records``).
+counted either way. Identical or empty responses, a response cut away entirely, or a line over
+``data.max_record_bytes`` are bad records (file:line, or skipped and counted with ``data.skip_bad_records``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxllama.config_checks import MAX_RECORD_BYTES
 from jaxllama.data.chat_data import BadRecord, ChatEncoder, pack_doc, unpack_doc
 
 Doc = tuple[np.ndarray, np.ndarray]
@@ -35,6 +36,7 @@ class PreferenceEncoder:
     truncate: str = "right"
     truncated: int = 0
     dropped: int = 0
+    max_record_bytes: int = MAX_RECORD_BYTES  # a longer JSONL line is a bad record (chat_data.encode_line)
 
     def __call__(self, record: Any) -> tuple[Doc, Doc] | None:
         if not isinstance(record, dict):
@@ -108,4 +110,4 @@ def preference_encoder(d: Any, tok: Any) -> PreferenceEncoder:
     """The encoder ``data.*`` describes (each side encoded as ``prompt_completion`` without a length limit)."""
     chat = ChatEncoder(tok, "prompt_completion", "assistant", d.chat_template, "right", 0,
                        tok.add_bos if d.add_bos is None else d.add_bos)
-    return PreferenceEncoder(chat, d.seq_len, d.truncate)
+    return PreferenceEncoder(chat, d.seq_len, d.truncate, max_record_bytes=d.max_record_bytes)

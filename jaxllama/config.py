@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -296,7 +297,12 @@ def save_config(cfg: Config, path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         before = None
     now = cfg.to_dict()
-    path.write_text(yaml.safe_dump(now, sort_keys=False))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # temp + rename: a full disk leaves the old file whole
+    try:
+        tmp.write_text(yaml.safe_dump(now, sort_keys=False))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not isinstance(before, dict):
         return []
     old, new = _flat(before), _flat(now)

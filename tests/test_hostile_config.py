@@ -242,10 +242,11 @@ def test_a_50mb_chat_line_is_a_bad_record_before_it_is_parsed(tmp_path):
     seen: list = []
     bad = BadRecords(skip=True)
     list(chat_records(str(f), _Recorder(enc, seen), bad))  # the big line never reaches the encoder
-    assert bad.count == 1 and bad.last.startswith(f"{f}:2: at least") and len(seen) == 1
+    assert bad.count == 1 and bad.last.startswith(f"{f}:2: 17825") and len(seen) == 1  # the reader's bound: the
+    # line is measured in 1 MiB chunks and never held whole
     with pytest.raises(ConfigError) as e:
         list(chat_records(str(f), _Recorder(enc, []), BadRecords()))
-    assert one_short_line(e).startswith(f"{f}:2: at least 17825")
+    assert one_short_line(e).startswith(f"{f}:2: 17825") and "data.max_record_bytes=16777216" in str(e.value)
 
 
 class _Recorder:
@@ -294,7 +295,7 @@ def test_plain_jsonl_and_tfrecord_records_over_the_bound_are_bad_records(tmp_pat
             ex = tf.train.Example(features=tf.train.Features(feature={
                 "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode()]))}))
             w.write(ex.SerializeToString())
-    for path, where in ((jsonl, f"{jsonl}: document 2"), (rec, f"{rec}:record 2")):
+    for path, where in ((jsonl, f"{jsonl}:2"), (rec, f"{rec}:record 2")):
         bad = BadRecords(skip=True)
         docs = [x.decode() for x in _file_documents([str(path)], "auto", "text", bad, False, max_bytes=200)
                 .as_numpy_iterator()]
@@ -302,6 +303,29 @@ def test_plain_jsonl_and_tfrecord_records_over_the_bound_are_bad_records(tmp_pat
         assert bad.count == 1 and bad.last.startswith(f"{where}: ") and "data.max_record_bytes=200" in bad.last
         with pytest.raises(Exception, match="max_record_bytes=200"):  # the error surfaces through tf.data
             list(_file_documents([str(path)], "auto", "text", BadRecords(), False, max_bytes=200).as_numpy_iterator())
+
+
+def test_a_huge_line_is_measured_without_being_held_whole(tmp_path):
+    """50 MB on one line, a 1 MiB bound: the reader's largest read is about the bound, and the next line is read."""
+    from jaxllama.data.corpus import bounded_lines
+
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(b"x" * (50 << 20) + b"\n" + b'{"text": "ok"}\n')
+    sizes = []
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def readline(self, n=-1):
+            out = self.fh.readline(n)
+            sizes.append(len(out))
+            return out
+
+    with open(f, "rb") as fh:
+        lines = list(bounded_lines(Counting(fh), 1 << 20))
+    assert lines == [(1, None, (50 << 20) + 1), (2, b'{"text": "ok"}\n', 15)]
+    assert max(sizes) <= (1 << 20) + 1
 
 
 # -- the command line: one line, exit 2, no traceback (two subprocesses in all) ------------------

@@ -69,13 +69,39 @@ class BadRecords:
         self.last = f"{where}: {what}"
 
 
+def bounded_lines(f, limit: int | None) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size) of a binary file; bytes None for a line over ``limit``, whose rest is
+    skipped in chunks, so one huge line never sits in memory whole."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1) if limit else f.readline()
+        if not raw:
+            return
+        lineno += 1
+        if limit and len(raw) > limit and not raw.endswith(b"\n"):
+            size = len(raw)
+            while True:
+                chunk = f.readline(1 << 20)
+                size += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield lineno, None, size
+        else:
+            yield lineno, raw, len(raw)
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"{size} bytes, larger than data.max_record_bytes={limit} (raise it for records this large)"
+
+
 def read_documents(path: str, fmt: str = "auto", text_key: str = "text", bad: BadRecords | None = None,
-                   lenient: bool = False) -> Iterator[str]:
+                   lenient: bool = False, max_bytes: int | None = None) -> Iterator[str]:
     """Documents of one local file: the whole file (text), one per line (lines), or ``text_key`` (jsonl).
 
     An empty file, invalid UTF-8, a line that is not a JSON object or lacks ``text_key`` goes to
     ``bad`` (an error by default). ``lenient`` (the stdlib demo corpus, which has empty
-    ``__init__.py`` files and a few latin-1 test files) skips empty files and replaces bad bytes.
+    ``__init__.py`` files and a few latin-1 test files) skips empty files and replaces bad bytes. A line
+    over ``max_bytes`` is a bad record, found without reading it whole.
     """
     bad = bad or BadRecords()
     fmt = file_format(path, fmt)
@@ -93,7 +119,10 @@ def read_documents(path: str, fmt: str = "auto", text_key: str = "text", bad: Ba
                 bad(path, "empty file")
             return
         lineno = 0
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw, size in bounded_lines(f, max_bytes):
+            if raw is None:
+                bad(f"{path}:{lineno}", too_large(size, max_bytes))
+                continue
             line = _decode(raw, errors, path, lineno, bad)
             if line is None or not line.strip():
                 continue
@@ -122,8 +151,12 @@ def chat_records(path: str, encoder, bad: BadRecords | None = None) -> Iterator[
 
     bad = bad or BadRecords()
     lineno = 0
+    limit = getattr(encoder, "max_record_bytes", None)
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw, size in bounded_lines(f, limit):
+            if raw is None:
+                bad(f"{path}:{lineno}", too_large(size, limit))
+                continue
             line = _decode(raw, "strict", path, lineno, bad)
             if line is None or not line.strip():
                 continue

@@ -80,7 +80,7 @@ def _file_documents(files: list[str], fmt: str, text_key: str, bad: BadRecords, 
             elif file_format(f, fmt) == "tfrecord":
                 yield from _tfrecord_documents(f, text_key, bad, max_bytes)
             else:
-                docs = read_documents(f, fmt, text_key, bad, lenient=lenient)
+                docs = read_documents(f, fmt, text_key, bad, lenient=lenient, max_bytes=max_bytes)
                 yield from (text for _, text in sized_documents(f, docs, limit, bad))
 
     return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))

@@ -138,8 +138,6 @@ def make_run_dir(cfg: Config) -> tuple[Path, bool]:
     is accepted (:func:`write_run_config`): a refused resume leaves the earlier one as it was."""
     if cfg.run_dir is None:
         cfg.run_dir = new_run_dir()
-    if not str(cfg.run_dir).strip():
-        raise ConfigError("run_dir: empty; name a folder (or leave it unset for runs/<timestamp>)")
     run_dir = Path(cfg.run_dir)
     fresh = not run_dir.exists()
     if jax.process_index() == 0:
@@ -222,6 +220,11 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         source = make_source(cfg)
     run_dir, fresh = make_run_dir(cfg)
     lock = RunLock(run_dir)
+
+    def discard_if_empty() -> None:  # refused before anything was written: leave no folder behind
+        if fresh and is_main and run_dir.is_dir() and not any(p.name != lock.path.name for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
     try:
         if is_main:
             lock.acquire()
@@ -229,9 +232,12 @@ def train(cfg: Config, source: Any = None, devices: list | None = None,
         # before the first step, at once with nothing to save (said so).
         with PreemptionWatch() as watch:
             return _train(cfg, trainer, source, run_dir, fresh, watch, say, is_main)
+    except OSError as e:  # the run dir's own files (metrics, config, tokenizer copy): a full or read-only disk
+        discard_if_empty()
+        raise RunError(f"{e.filename or run_dir}: cannot write ({e.strerror or e}); checkpoints already complete "
+                       "are kept and a rerun resumes from the newest") from None
     except BaseException:
-        if fresh and is_main and run_dir.is_dir() and not any(p.name != lock.path.name for p in run_dir.iterdir()):
-            shutil.rmtree(run_dir, ignore_errors=True)  # refused before anything was written: leave no folder
+        discard_if_empty()
         raise
     finally:
         lock.release()

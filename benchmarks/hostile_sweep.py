@@ -261,13 +261,24 @@ class Outcome:
     result: Result | None = None
 
 
+def _traceback_note(text: str) -> str:
+    """How many tracebacks, and the first one's exception line (and its 'Exception ignored in' context)."""
+    lines = text.splitlines()
+    at = [i for i, x in enumerate(lines) if "Traceback" in x]
+    i = at[0]
+    exc = next((x for x in lines[i + 1:] if x.strip() and not x.startswith(" ")), "?")
+    where = lines[i - 1].strip() if i and lines[i - 1].startswith(("Exception ignored", "During handling")) else ""
+    return (f"{len(at)} traceback{'s' * (len(at) > 1)}, first: {exc[:160]}"
+            + (f" [{where[:90]}]" if where else ""))
+
+
 def judge(res: Result, expect: str, rc: int = 0, check: Callable[[Result], str | None] | None = None) -> Outcome:
     """Classify one result. ``expect``: "refuse" or "ok" (exit ``rc``). ``check(res)`` returns a failure
     reason or None; a failing check is silent_wrong (after a refusal too: e.g. a file it changed)."""
     if res.killed:
         return Outcome("unbounded", res.killed, res)
     if "Traceback" in res.stderr or "Traceback" in res.stdout:
-        return Outcome("traceback", "", res)
+        return Outcome("traceback", f"exit {res.rc}, " + _traceback_note(res.stderr + "\n" + res.stdout), res)
     if expect == "refuse":
         if res.rc == 0:
             return Outcome("silent_wrong", "exit 0 where it must be refused", res)

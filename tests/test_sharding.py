@@ -37,8 +37,9 @@ def test_train_step_matches_single_device(make_cfg, reference, shape):
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
     # Adam's first update is about lr * sign(g) per element (1e-2 here), so where a gradient is
-    # near zero, float32 summation order can move it slightly; 5e-5 is 0.5% of one update.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4), params, ref_params)
+    # near zero, float32 summation order can move it slightly; 1e-4 is 1% of one update (measured: one
+    # element in 8192 off by 5.3e-5 on jax 0.10.2's CPU build, 2026-12-02).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), params, ref_params)
     # the layout is real: q_proj is split over fsdp (embed) and tensor (heads)
     q = trainer.state.params["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.shard_shape(q.shape) == (q.shape[0], q.shape[1] // f, q.shape[2] // t)

@@ -29,9 +29,9 @@ from jax.experimental import multihost_utils
 from jaxllama.checkpoint.checksum import tree_checksums, verify_tree
 from jaxllama.checkpoint.handlers import PerProcessJsonHandler, PerProcessJsonRestore, PerProcessJsonSave
 from jaxllama.checkpoint.params import CHECKSUMS, MODEL, PARAMS, as_path, check_shapes, model_config_dict, \
-    recorded_checksums
+    drop_abandoned_reads, recorded_checksums
 from jaxllama.config import SHAPE_FIELDS, CheckpointConfig, Config
-from jaxllama.errors import ConfigError, RunError
+from jaxllama.errors import ConfigError, RunError, first_line
 
 OPT_STATE, TRAIN, DATA = "opt_state", "train", "data"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -112,7 +112,7 @@ class TrainCheckpoints:
             raise self._save_failed(e) from None
 
     def _save_failed(self, e: Exception) -> RunError:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e, 10_000)
         cause = "No space left on device" if "No space left" in first else first[:300]
         return RunError(f"checkpoint save in {self.directory} failed ({cause}); the earlier complete checkpoints are "
                         "kept and a rerun resumes from the newest")
@@ -142,6 +142,7 @@ class TrainCheckpoints:
         ``restore``) rejects.
         """
         steps = self.steps()
+        drop_abandoned_reads()
         for i, step in enumerate(reversed(steps)):
             self._check_shapes(step, state, model_cfg)
             try:
@@ -152,7 +153,8 @@ class TrainCheckpoints:
             except ConfigError:  # the user's to fix (e.g. another data source): nothing is damaged
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure marks the step as damaged
-                restored, error = None, (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                drop_abandoned_reads()
+                restored, error = None, first_line(e)
             if _all_agree(error is None):
                 return restored
             older = steps[-i - 2] if i + 2 <= len(steps) else None

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -23,7 +25,7 @@ from etils import epath
 
 from jaxllama.checkpoint.checksum import leaf_name, per_layer, tree_checksums, verify_slice, verify_tree
 from jaxllama.config import ModelConfig
-from jaxllama.errors import ConfigError, RunError
+from jaxllama.errors import ConfigError, RunError, first_line
 
 PARAMS, MODEL, CHECKSUMS = "params", "model", "checksums"
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/<step>/
@@ -167,20 +169,49 @@ def restore_params(step_dir: epath.Path, shardings: Any = None, dtype: Any = Non
     return out[PARAMS], model_config_from_dict(out[MODEL], str(step_dir / MODEL))
 
 
+def drop_abandoned_reads() -> None:
+    """After a failed restore Orbax leaves its other read coroutines unfinished; when they are collected
+    Python prints each one's error and a TensorStore spec ("Exception ignored in <coroutine ...>"), the
+    damage we already report in one line; and TensorStore's reader threads, finishing late, report each
+    completion they can no longer deliver to the restore's closed event loop ("Event loop is closed").
+    Readers call this before reading (the threads can report while the failure is still being raised)
+    and after a failure (to collect the coroutines now); those reports, and only those, are dropped."""
+    previous, previous_exc = sys.unraisablehook, sys.excepthook
+    if not getattr(previous, "jaxllama", False):
+        def late(kind, value) -> bool:
+            return kind is RuntimeError and str(value) == "Event loop is closed"
+
+        def hook(unraisable) -> None:
+            code = getattr(unraisable.object, "cr_code", None)
+            if not (code is not None and "orbax" in code.co_filename) and not late(unraisable.exc_type,
+                                                                                  unraisable.exc_value):
+                previous(unraisable)
+
+        def exc_hook(kind, value, tb) -> None:
+            if not late(kind, value):
+                previous_exc(kind, value, tb)
+
+        hook.jaxllama = True
+        sys.unraisablehook, sys.excepthook = hook, exc_hook
+    gc.collect()
+
+
 def first_readable(candidates: list[epath.Path], read: Callable[[epath.Path], Any],
                    say: Callable[[str], None] = print) -> tuple[epath.Path, Any]:
     """``read`` the first candidate that reads cleanly; a damaged one is reported and skipped."""
     errors = []
+    drop_abandoned_reads()
     for i, d in enumerate(candidates):
         try:
             return d, read(d)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure marks the checkpoint as damaged
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            errors.append(f"{d}: {first_line}")
+            drop_abandoned_reads()
+            line = first_line(e)
+            errors.append(f"{d}: {line}")
             if i + 1 < len(candidates):
-                say(f"checkpoint {d} is damaged or incomplete ({first_line}); falling back to {candidates[i + 1]}")
+                say(f"checkpoint {d} is damaged or incomplete ({line}); falling back to {candidates[i + 1]}")
     raise RunError("no readable checkpoint: " + " | ".join(errors))
 
 

@@ -250,7 +250,7 @@ def atomic_output(dst: str | Path, is_file: bool = False) -> Iterator[Path]:
         raise ConfigError(f"{dst}: already exists; remove it or choose another destination")
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
-        raise ConfigError(f"{dst}: parent folder {parent} does not exist")
+        raise ConfigError(f"{dst}: {parent} " + ("is a file, not a folder" if parent.exists() else "does not exist"))
     sweep_stale(parent, TMP_PATTERN)
     try:
         tmp = make_owned_dir(f".{dst.name}.tmp-", parent)

@@ -26,7 +26,7 @@ from jaxllama.convert.common import (BF16, EMBED, HEAD, NORM, Extras, Source, at
 from jaxllama.convert.gguf_vocab import files_from_vocab, read_vocab, vocab_from_files, write_vocab
 from jaxllama.convert.tempdirs import make_owned_dir, sweep_stale
 from jaxllama.convert.validate import canonical_shapes, check_layer_count, check_tensors, layer_indices, positive_int
-from jaxllama.errors import ConfigError
+from jaxllama.errors import ConfigError, first_line
 from jaxllama.model.llama import Arch, rope_frequencies
 
 _LAYER = {
@@ -250,7 +250,7 @@ class GGUFSource(Source):
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - the reader raises many kinds for damaged files
-            msg = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            msg = first_line(e, 100)
             raise ConfigError(f"{self.path}: truncated or corrupt GGUF file ({msg})") from None
         self.fields = {k: _field(self.reader, k) for k in self.reader.fields}
         try:

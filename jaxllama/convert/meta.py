@@ -18,6 +18,7 @@ import numpy as np
 from jaxllama.config import ModelConfig
 from jaxllama.convert.common import (EMBED, HEAD, NORM, Extras, Source, atomic_output, canonical_names,
                                      check_shape, expected_shape, model_config, permute_qk)
+from jaxllama.convert.hf import _read_json as read_json
 from jaxllama.convert.torch_io import load_state_dict, save_state_dict, to_numpy
 from jaxllama.convert.validate import (boolean, canonical_shapes, check_layer_count, check_tensors, is_int,
                                        layer_indices, positive_int, positive_number)
@@ -93,16 +94,7 @@ class MetaSource(Source):
     def __init__(self, path: str | Path, dtype: np.dtype | None = None):
         self.path, self.dtype = Path(path), dtype
         pj = self.path / "params.json"
-        try:
-            params = json.loads(pj.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{pj}: not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{pj}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
-        except OSError as e:
-            raise ConfigError(f"{pj}: cannot read ({e.strerror or e})") from None
-        if not isinstance(params, dict):
-            raise ConfigError(f"{pj}: expected a JSON object")
+        params = read_json(pj)
         files = sorted(self.path.glob("consolidated.*.pth"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
         if not files:
             raise ConfigError(f"{self.path}: no consolidated.NN.pth beside params.json")

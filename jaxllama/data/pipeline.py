@@ -206,8 +206,10 @@ class TextSource:
 
     def restore(self, state: dict) -> None:
         """Continue exactly after the batch ``state`` was taken from (same source, seed and process layout)."""
-        if state.get("kind") != "text":
-            raise RunError(f"data state is for a {state.get('kind')!r} source, not a text source")
+        if not isinstance(state, dict) or state.get("kind") != "text":
+            kind = state.get("kind") if isinstance(state, dict) else None
+            raise RunError(f"data state is for a {kind!r} source, not a text source" if kind is not None
+                           else "data state names no source (damaged)")
         if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
             raise RunError(f"data state was saved by process {state['process_index']} of {state['process_count']}, "
                            f"this is process {self.process_index} of {self.process_count}")

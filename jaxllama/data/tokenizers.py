@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxllama.data.tokenizer_train import cached_stdlib_tokenizer, train_sentencepiece  # noqa: F401 (API)
-from jaxllama.errors import ConfigError
+from jaxllama.errors import ConfigError, first_line
 
 EXPECTED = ("a SentencePiece model, a Llama 3 tiktoken tokenizer.model (base64 token + rank per line), "
             "a Hugging Face tokenizer.json, or a folder holding tokenizer.json or tokenizer.model")
@@ -161,7 +161,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
         except (OSError, RuntimeError) as e:
-            raise ConfigError(f"tokenizer {path}: not a valid SentencePiece model ({_first_line(e)}); "
+            raise ConfigError(f"tokenizer {path}: not a valid SentencePiece model ({first_line(e, 200)}); "
                               f"expected {EXPECTED}") from None
         sp, config = self._sp, config or {}
         bos, eos = _opt(sp.bos_id()), _opt(sp.eos_id())
@@ -318,7 +318,7 @@ class HFTokenizer(Tokenizer):
             self._tok = RustTokenizer.from_file(path)
             self._tok_special = RustTokenizer.from_file(path)
         except Exception as e:  # the Rust side raises plain Exception subclasses
-            raise ConfigError(f"tokenizer {path}: not a valid tokenizer.json ({_first_line(e)})") from None
+            raise ConfigError(f"tokenizer {path}: not a valid tokenizer.json ({first_line(e, 200)})") from None
         self._tok.encode_special_tokens = True  # "<|eot_id|>" typed by a user is text, not the token
         config = config or {}
         added = self._tok.get_added_tokens_decoder()
@@ -398,16 +398,11 @@ def _chat_template(config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: not valid JSON ({first_line(e, 200)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

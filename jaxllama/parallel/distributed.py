@@ -19,7 +19,7 @@ import threading
 
 import jax
 
-from jaxllama.errors import ConfigError, RunError
+from jaxllama.errors import ConfigError, RunError, first_line
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 ENV_TIMEOUT = "JAXLLAMA_DIST_TIMEOUT_S"  # overrides timeout_s (launchers may set it)
@@ -100,7 +100,7 @@ def initialize_from_env(timeout_s: int = 300, heartbeat_s: int = 30) -> bool:
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - JAX raises XlaRuntimeError / RuntimeError with long texts
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise RunError(f"{message}: {first}") from None
     finally:
         watchdog.cancel()

@@ -97,21 +97,28 @@ def test_dpo_loss_and_rewards_equal_trl(hf_pair, loss, extra):
         np.testing.assert_allclose(ours[key], m[theirs], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_simpo_equals_trl_cpo(hf_pair):
-    """SimPO: TRL's CPOTrainer (loss_type=simpo, cpo_alpha=0) on log-probabilities TRL computes from the policy."""
+def trl_reference_free(hf_pair, trainer_cls, **fields):
+    """TRL's batch, its completion labels, the policy's logits, TRL's per-token average log-probabilities
+    ([chosen..., rejected...]) and a bare ``trainer_cls`` holding ``fields`` (its loss methods need no more)."""
     from types import SimpleNamespace
-
-    from trl.experimental.cpo import CPOTrainer
 
     batch, _, _ = trl_metrics(hf_pair, beta=0.5)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
         logits = hf_pair[1](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    avg = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    avg = trainer_cls.get_batch_logps(logits, labels, average_log_prob=True)
+    trainer = object.__new__(trainer_cls)
+    trainer.__dict__.update(accelerator=SimpleNamespace(device="cpu"), **fields)
+    return batch, labels, logits, avg, trainer
+
+
+def test_simpo_equals_trl_cpo(hf_pair):
+    """SimPO: TRL's CPOTrainer (loss_type=simpo, cpo_alpha=0) on log-probabilities TRL computes from the policy."""
+    from trl.experimental.cpo import CPOTrainer
+
+    batch, _, _, avg, cpo = trl_reference_free(hf_pair, CPOTrainer, alpha=0.0, beta=2.0, loss_type="simpo",
+                                               simpo_gamma=0.3, label_smoothing=0.1)
     n = len(PAIRS)
-    cpo = object.__new__(CPOTrainer)
-    cpo.__dict__.update(alpha=0.0, beta=2.0, loss_type="simpo", simpo_gamma=0.3, label_smoothing=0.1,
-                        accelerator=SimpleNamespace(device="cpu"))
     losses, r_c, r_r = cpo.cpo_loss(avg[:n], avg[n:])
     ours = jax_loss(hf_pair, jax_batch(batch), objective="simpo", beta=2.0, simpo_gamma=0.3, label_smoothing=0.1)
     np.testing.assert_allclose(ours["loss"], float(losses.mean()), rtol=1e-5)
@@ -122,18 +129,10 @@ def test_simpo_equals_trl_cpo(hf_pair):
 def test_orpo_equals_trl_orpo(hf_pair):
     """ORPO: TRL's ORPOTrainer.odds_ratio_loss on TRL's averaged log-probabilities, plus the chosen responses'
     cross-entropy (token mean over the batch; ours covers the response tokens, see program/preference.py)."""
-    from types import SimpleNamespace
-
     from trl.experimental.orpo import ORPOTrainer
 
-    batch, _, _ = trl_metrics(hf_pair, beta=0.5)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    with torch.no_grad():
-        logits = hf_pair[1](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    avg = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    batch, labels, logits, avg, orpo = trl_reference_free(hf_pair, ORPOTrainer, beta=0.3)
     n = len(PAIRS)
-    orpo = object.__new__(ORPOTrainer)
-    orpo.__dict__.update(beta=0.3, accelerator=SimpleNamespace(device="cpu"))
     losses, r_c, r_r, _, _ = orpo.odds_ratio_loss(avg[:n], avg[n:])
     nll = torch.nn.functional.cross_entropy(logits[:n, :-1].reshape(-1, logits.shape[-1]), labels[:n, 1:].reshape(-1))
     ours = jax_loss(hf_pair, jax_batch(batch), objective="orpo", beta=0.3)

@@ -16,6 +16,7 @@ detected; changes to several elements escape with probability about 2**-64.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -86,6 +87,18 @@ def _sums_jnp(x: jax.Array, layered: bool) -> jax.Array:
     return jnp.stack([jnp.sum(h, axis=1, dtype=jnp.uint32) for h in _mix(bits, index, jnp)], axis=1)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(layered: tuple[bool, ...], mesh: Any) -> Any:
+    """One jitted function per tree layout (and mesh), so each save reuses the compiled hash instead of
+    tracing a new closure; on a mesh the results are replicated, so every process can read them."""
+    def fn(leaves):
+        return [_sums_jnp(x, lay) for x, lay in zip(leaves, layered)]
+
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def tree_checksums(tree: Any) -> dict[str, list[list[int]]]:
     """``{leaf name: [[h1, h2], ...]}`` (one pair per layer for stacked arrays), computed where the arrays live."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -93,16 +106,10 @@ def tree_checksums(tree: Any) -> dict[str, list[list[int]]]:
         return {}
     names = [leaf_name(p) for p, _ in flat]
     layered = [per_layer(n, np.ndim(x)) for n, (_, x) in zip(names, flat)]
-
-    def fn(leaves):
-        return [_sums_jnp(x, lay) for x, lay in zip(leaves, layered)]
-
     leaves = [x for _, x in flat]
     sharding = getattr(leaves[0], "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):  # replicated results: every process can read them
-        out = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))(leaves)
-    else:
-        out = jax.jit(fn)(leaves)
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    out = _jitted(tuple(layered), mesh)(leaves)
     return {n: np.asarray(jax.device_get(v)).astype(np.int64).tolist() for n, v in zip(names, out)}
 
 

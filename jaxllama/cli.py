@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -343,6 +344,36 @@ def cmd_eval(args) -> int:
     if main_process:
         print(json.dumps(result))
     return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve MODEL over the OpenAI API (continuous batching, sharded KV cache)",
+                       description="An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (with "
+                                   "stream), /v1/models, /health, /metrics. Requests share a fixed set of decode slots; "
+                                   "a new request is prefilled in chunks and joins the running batch.")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--slots", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-len", type=int, help="positions per slot: prompt + output (default: the model's context)")
+    p.add_argument("--chunk", type=int, default=128, help="prompt tokens prefilled per step (default 128)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot before 429 (default 256)")
+    p.add_argument("--served-model-name", action="append", default=[],
+                   help="name(s) clients use in 'model' (repeatable; default: MODEL as given)")
+    p.add_argument("--chat-template", default="auto", choices=("auto", "jinja", "llama3", "llama2"),
+                   help="auto: the checkpoint's Jinja template, else Llama 3 or Llama 2 by tokenizer")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from jaxllama.parallel.distributed import initialize_from_env
+    from jaxllama.serve.server import ServeOptions, serve
+
+    initialize_from_env()  # several processes: process 0 serves HTTP, every process steps the engine
+    return serve(ServeOptions(model=args.model, tokenizer=args.tokenizer, mesh=args.mesh, dtype=args.dtype,
+                              lora=args.lora, rules=_rules(args), host=args.host, port=args.port, slots=args.slots,
+                              max_len=args.max_len, chunk=args.chunk, max_queue=args.max_queue,
+                              names=tuple(args.served_model_name), chat_template=args.chat_template))
 
 
 def _skip_absent_tpu() -> None:

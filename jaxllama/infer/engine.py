@@ -82,20 +82,10 @@ class _Program:
         return self.record(state, logits)
 
     def empty_cache(self, batch: int, cache_len: int) -> tuple:
-        """Zeros in the model's cache form: stacked (k, v) for scanned layers, else one (k, v) per layer."""
-        a = self.arch
-        per_layer = (batch, cache_len, a.n_kv_heads, a.head_dim)
-
-        def zeros(shape, names):
-            return self.layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), names)
-
-        if a.scan_layers:
-            return tuple(zeros((a.n_layers, *per_layer), CACHE_AXES) for _ in range(2))
-        return tuple(tuple(zeros(per_layer, CACHE_AXES[1:]) for _ in range(2)) for _ in range(a.n_layers))
+        return empty_cache(self.arch, self.layout, batch, cache_len)
 
     def constrain_cache(self, cache: tuple) -> tuple:
-        names = CACHE_AXES if self.arch.scan_layers else CACHE_AXES[1:]
-        return jax.tree.map(lambda c: self.layout.constrain(c, names), cache)
+        return constrain_cache(self.arch, self.layout, cache)
 
     def record(self, state, logits):
         """Sample from ``logits`` and append the tokens of rows still running."""
@@ -143,6 +133,24 @@ class _Program:
 
         return self.replicate_host_view(jax.lax.while_loop(cond, body, state))
 
+
+
+def empty_cache(a: Arch, layout: Layout, batch: int, cache_len: int) -> tuple:
+    """Zeros in the model's cache form: stacked (k, v) for scanned layers, else one (k, v) per layer,
+    sharded by the cache's logical names (the one owner of the KV-cache layout; the server's slots too)."""
+    per_layer = (batch, cache_len, a.n_kv_heads, a.head_dim)
+
+    def zeros(shape, names):
+        return layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), names)
+
+    if a.scan_layers:
+        return tuple(zeros((a.n_layers, *per_layer), CACHE_AXES) for _ in range(2))
+    return tuple(tuple(zeros(per_layer, CACHE_AXES[1:]) for _ in range(2)) for _ in range(a.n_layers))
+
+
+def constrain_cache(a: Arch, layout: Layout, cache: tuple) -> tuple:
+    names = CACHE_AXES if a.scan_layers else CACHE_AXES[1:]
+    return jax.tree.map(lambda c: layout.constrain(c, names), cache)
 
 
 # Shapes and the sampling *kind* are static; the seed and the chunk length are traced, so changing

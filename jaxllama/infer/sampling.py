@@ -100,3 +100,55 @@ def sample(logits: jax.Array, seen: jax.Array, row_ids: jax.Array, step: jax.Arr
         tokens = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+# -- per-row settings (the server: every request in the batch brings its own) ------------------------
+
+ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+              "frequency_penalty", "seed", "step")
+
+
+def filter_rows(logits: jax.Array, rows: dict, sort: bool) -> jax.Array:
+    """:func:`filter_logits` with one setting per row (``rows``: arrays [batch]). ``sort`` (static):
+    some row uses top-k or top-p, which need the logits sorted (one sort serves both)."""
+    logits = logits / jnp.maximum(rows["temperature"], 1e-6)[:, None]
+    if sort:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        k = rows["top_k"]
+        kth = jnp.take_along_axis(sorted_logits, jnp.clip(k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
+        logits = jnp.where((k[:, None] > 0) & (logits < kth), NEG_INF, logits)
+        sorted_logits = jnp.where((k[:, None] > 0) & (sorted_logits < kth), NEG_INF, sorted_logits)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(before < rows["top_p"][:, None], sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    limit = rows["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < limit, NEG_INF, logits)
+
+
+def sample_rows(logits: jax.Array, rows: dict, seen: jax.Array, counts: jax.Array, draw: bool, sort: bool,
+                penalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row, each row by its own settings (``rows``: :data:`ROW_FIELDS`, arrays [batch]).
+
+    Rows with temperature 0 take the argmax (static ``draw`` False: every row does, and nothing is
+    drawn). Penalties (static ``penalize``): the repetition penalty
+    over ``seen`` (prompt and output, Hugging Face style), OpenAI's presence and frequency penalties
+    over ``counts`` (output tokens only, as vLLM applies them). A row's draw is keyed by (its seed, its
+    step) only. Returns (tokens [batch], their log-probabilities, the log-probabilities [batch, vocab]),
+    log-probabilities the model's own, before any setting.
+    """
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if penalize:
+        rep = rows["repetition_penalty"][:, None]
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - rows["presence_penalty"][:, None] * (counts > 0) - rows["frequency_penalty"][:, None] * counts
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not draw:
+        return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0], logprobs
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(rows["seed"], rows["step"])
+    drawn = jax.vmap(jax.random.categorical)(keys, filter_rows(logits, rows, sort))
+    tokens = jnp.where(rows["temperature"] > 0, drawn, tokens).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0], logprobs

@@ -196,12 +196,14 @@ class Attention(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False):
         """``cache``: None (training) or this layer's (k, v) [batch, cache_len, kv_heads, head_dim].
 
         With a cache, the new keys/values are written at ``positions`` and returned as the new cache.
         A multi-token call is a prefill from position 0 (causal attention over the new tokens); a
         one-token call is a decode step that attends to every cached slot up to its own position.
+        ``extend``: a multi-token call that continues a cache (a chunk of a long prompt, every row
+        starting at the same position): written after what is cached and attending to all of it.
         """
         a, b, t = self.a, x.shape[0], x.shape[1]
         out_std = 0.02 / math.sqrt(2 * a.n_layers)
@@ -215,8 +217,8 @@ class Attention(nn.Module):
         k = self.layout.constrain(k, KV_AXES)
         v = self.layout.constrain(v, KV_AXES)
         if cache is not None:
-            cache = write_cache(cache, k, v, positions, self.layout)
-        if cache is not None and t == 1:
+            cache = write_cache(cache, k, v, positions, self.layout, extend)
+        if cache is not None and (t == 1 or extend):
             out = cached_attention(q, cache[0], cache[1], positions)
         else:
             out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
@@ -291,9 +293,9 @@ class Block(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False):
         attn = Attention(self.a, self.layout, name="self_attn")(RMSNorm(self.a, name="input_layernorm")(x),
-                                                               cos, sin, segment_ids, cache, positions)
+                                                               cos, sin, segment_ids, cache, positions, extend)
         if cache is not None:
             attn, cache = attn
         h = x + attn
@@ -344,7 +346,7 @@ class Llama(nn.Module):
         return self._trunk(tokens, positions, segment_ids, None)[0]
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple,
-               last: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+               last: jax.Array | None = None, extend: bool = False, all_logits: bool = False) -> tuple[jax.Array, tuple]:
         """Forward with a KV cache: with scanned layers ``(k, v)``, each [layers, batch, cache_len,
         kv_heads, head_dim]; with unrolled layers one ``(k, v)`` per layer, each [batch, cache_len,
         kv_heads, head_dim] (separate buffers, so a decode loop updates each in place).
@@ -353,23 +355,31 @@ class Llama(nn.Module):
         step (len 1, each row at its own position). Returns float32 logits [batch, vocab] at index
         ``last`` [batch] of each row (default: the final one) and the updated cache; only those rows'
         logits are computed, so a long prompt never materializes [batch, len, vocab].
+
+        ``extend`` (unrolled layers only): ``tokens`` continue what the cache holds, from
+        ``positions[:, 0]`` (the server's chunked prefill). ``all_logits``: logits at every position,
+        [batch, len, vocab] (prompt log-probabilities, e.g. ``echo`` with ``logprobs``).
         """
-        h, cache = self._trunk(tokens, positions, None, cache)
+        h, cache = self._trunk(tokens, positions, None, cache, extend)
+        if all_logits:
+            return self.head(h), cache
         idx = jnp.full((h.shape[0],), h.shape[1] - 1) if last is None else last
         h = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
         return self.head(h), cache
 
-    def _trunk(self, tokens, positions, segment_ids, cache):
+    def _trunk(self, tokens, positions, segment_ids, cache, extend=False):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(self.a, positions)
         x = self.layout.constrain(self.embed_tokens(tokens), RESIDUAL_AXES)
         if self.a.scan_layers:
+            if extend:
+                raise ValueError("extending a cache needs unrolled layers (scan_layers=False)")
             x, cache = self.layers(x, cos, sin, segment_ids, cache, positions)
         else:
             new = []
             for i, layer in enumerate(self.layers):
-                x, c = layer(x, cos, sin, segment_ids, None if cache is None else cache[i], positions)
+                x, c = layer(x, cos, sin, segment_ids, None if cache is None else cache[i], positions, extend)
                 new.append(c)
             cache = None if cache is None else tuple(new)
         return self.norm(x), cache
@@ -384,17 +394,19 @@ class Llama(nn.Module):
 
 
 def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, positions: jax.Array,
-                layout: Layout) -> tuple[jax.Array, jax.Array]:
+                layout: Layout, extend: bool = False) -> tuple[jax.Array, jax.Array]:
     """Store k, v [batch, len, kv_heads, head_dim] into one layer's cache at slots ``positions``.
 
-    A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice; a decode step scatters
-    each row's single token to its own slot (rows advance independently).
+    A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice (``extend``: slots from
+    ``positions[0, 0]`` on; the caller keeps them inside the cache, which would otherwise shift the
+    write); a decode step scatters each row's single token to its own slot (rows advance independently).
     """
     out = []
+    start = positions[0, 0] if extend else 0
     for c, new in ((cache[0], k), (cache[1], v)):
         new = new.astype(c.dtype)
         if k.shape[1] > 1:
-            c = jax.lax.dynamic_update_slice(c, new, (0, 0, 0, 0))
+            c = jax.lax.dynamic_update_slice(c, new, (0, start, 0, 0))
         else:
             c = c.at[jnp.arange(c.shape[0]), positions[:, 0]].set(new[:, 0], mode="drop")
         out.append(layout.constrain(c, KV_AXES))

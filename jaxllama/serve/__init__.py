@@ -1,0 +1,1 @@
+"""``jaxllama serve``: an OpenAI-compatible server with continuous batching (see server.py)."""

@@ -196,7 +196,7 @@ class Attention(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False, window=None):
         """``cache``: None (training) or this layer's (k, v) [batch, cache_len, kv_heads, head_dim].
 
         With a cache, the new keys/values are written at ``positions`` and returned as the new cache.
@@ -204,6 +204,8 @@ class Attention(nn.Module):
         one-token call is a decode step that attends to every cached slot up to its own position.
         ``extend``: a multi-token call that continues a cache (a chunk of a long prompt, every row
         starting at the same position): written after what is cached and attending to all of it.
+        ``window`` (static): attend to the cache's first ``window`` slots only, when no query is past
+        them (a server's slots are sized for the longest request; most steps need far fewer).
         """
         a, b, t = self.a, x.shape[0], x.shape[1]
         out_std = 0.02 / math.sqrt(2 * a.n_layers)
@@ -219,7 +221,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache = write_cache(cache, k, v, positions, self.layout, extend)
         if cache is not None and (t == 1 or extend):
-            out = cached_attention(q, cache[0], cache[1], positions)
+            kc, vc = cache if window is None else (cache[0][:, :window], cache[1][:, :window])
+            out = cached_attention(q, kc, vc, positions)
         else:
             out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
                          *(self.layout.mesh_axes(n) for n in ("activation_batch", "activation_heads",
@@ -293,9 +296,9 @@ class Block(nn.Module):
     layout: Layout
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False, window=None):
         attn = Attention(self.a, self.layout, name="self_attn")(RMSNorm(self.a, name="input_layernorm")(x),
-                                                               cos, sin, segment_ids, cache, positions, extend)
+                                                               cos, sin, segment_ids, cache, positions, extend, window)
         if cache is not None:
             attn, cache = attn
         h = x + attn
@@ -346,7 +349,8 @@ class Llama(nn.Module):
         return self._trunk(tokens, positions, segment_ids, None)[0]
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple,
-               last: jax.Array | None = None, extend: bool = False, all_logits: bool = False) -> tuple[jax.Array, tuple]:
+               last: jax.Array | None = None, extend: bool = False, all_logits: bool = False,
+               window: int | None = None) -> tuple[jax.Array, tuple]:
         """Forward with a KV cache: with scanned layers ``(k, v)``, each [layers, batch, cache_len,
         kv_heads, head_dim]; with unrolled layers one ``(k, v)`` per layer, each [batch, cache_len,
         kv_heads, head_dim] (separate buffers, so a decode loop updates each in place).
@@ -358,28 +362,29 @@ class Llama(nn.Module):
 
         ``extend`` (unrolled layers only): ``tokens`` continue what the cache holds, from
         ``positions[:, 0]`` (the server's chunked prefill). ``all_logits``: logits at every position,
-        [batch, len, vocab] (prompt log-probabilities, e.g. ``echo`` with ``logprobs``).
+        [batch, len, vocab] (prompt log-probabilities, e.g. ``echo`` with ``logprobs``). ``window``:
+        see :class:`Attention` (unrolled layers only).
         """
-        h, cache = self._trunk(tokens, positions, None, cache, extend)
+        h, cache = self._trunk(tokens, positions, None, cache, extend, window)
         if all_logits:
             return self.head(h), cache
         idx = jnp.full((h.shape[0],), h.shape[1] - 1) if last is None else last
         h = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
         return self.head(h), cache
 
-    def _trunk(self, tokens, positions, segment_ids, cache, extend=False):
+    def _trunk(self, tokens, positions, segment_ids, cache, extend=False, window=None):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(self.a, positions)
         x = self.layout.constrain(self.embed_tokens(tokens), RESIDUAL_AXES)
         if self.a.scan_layers:
-            if extend:
-                raise ValueError("extending a cache needs unrolled layers (scan_layers=False)")
+            if extend or window is not None:
+                raise ValueError("extend and window need unrolled layers (scan_layers=False)")
             x, cache = self.layers(x, cos, sin, segment_ids, cache, positions)
         else:
             new = []
             for i, layer in enumerate(self.layers):
-                x, c = layer(x, cos, sin, segment_ids, None if cache is None else cache[i], positions, extend)
+                x, c = layer(x, cos, sin, segment_ids, None if cache is None else cache[i], positions, extend, window)
                 new.append(c)
             cache = None if cache is None else tuple(new)
         return self.norm(x), cache

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxllama.serve.slots import FLOAT_FIELDS, INT_FIELDS, Flags, SlotProgram, decode_step, prefill_chunk
+from jaxllama.serve.slots import FLOAT_FIELDS, INT_FIELDS, Flags, SlotProgram, decode_step, prefill_chunk, window
 
 STOP, IDLE, PREFILL, DECODE = 0, 1, 2, 3
 FLAG_NAMES = [f.name for f in dataclasses.fields(Flags)]
@@ -61,12 +61,15 @@ class Executor:
 
     def _prefill(self, slot, tokens, start, last, targets, floats, ints, flags) -> dict:
         self.state, out = prefill_chunk(self.params, self.state, np.int32(slot), tokens, np.int32(start),
-                                        np.int32(last), targets, floats, ints, prog=self.prog, flags=flags)
+                                        np.int32(last), targets, floats, ints, prog=self.prog, flags=flags,
+                                        window=window(self.prog, start + self.prog.chunk))
         return jax.device_get(out)
 
     def _decode(self, tokens, positions, active, floats, ints, flags) -> dict:
-        self.state, out = decode_step(self.params, self.state, tokens, positions, np.asarray(active, bool), floats,
-                                      ints, prog=self.prog, flags=flags)
+        active = np.asarray(active, bool)
+        needed = int(positions[active].max()) + 1 if active.any() else 1
+        self.state, out = decode_step(self.params, self.state, tokens, positions, active, floats, ints, prog=self.prog,
+                                      flags=flags, window=window(self.prog, needed))
         return jax.device_get(out)
 
 

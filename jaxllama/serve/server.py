@@ -18,7 +18,7 @@ import jax
 from jaxllama.errors import ConfigError
 from jaxllama.infer.generate import TextStops, load
 from jaxllama.serve.executor import Executor, follow
-from jaxllama.serve.scheduler import Scheduler, Sequence
+from jaxllama.serve.scheduler import DEFAULT_SETTINGS, Scheduler, Sequence
 from jaxllama.serve.slots import SlotProgram
 
 
@@ -72,16 +72,37 @@ def build(o: ServeOptions, say: Callable[[str], None] = lambda _: None):
     return svc
 
 
-def warm_up(svc) -> None:
-    """Compile the greedy steps with a one-token request (the scheduler is not running yet)."""
+def warm_up(svc, say: Callable[[str], None] = lambda _: None) -> None:
+    """Compile the greedy steps for every attention window a request can reach (the scheduler is not
+    running yet), so no request waits for a compilation; then one real request end to end."""
+    import time
+
+    import numpy as np
+
+    from jaxllama.serve.slots import Flags, pack_rows, window
+
+    t0 = time.perf_counter()
+    ex, prog = svc.scheduler.ex, svc.scheduler.prog
+    one = pack_rows([DEFAULT_SETTINGS])
+    rows = pack_rows([DEFAULT_SETTINGS] * prog.slots)
+    zeros = np.zeros((prog.chunk,), np.int32)
+    seen_windows = set()
+    for start in range(0, prog.max_len, prog.chunk):
+        if window(prog, start + prog.chunk) not in seen_windows:
+            seen_windows.add(window(prog, start + prog.chunk))
+            ex.prefill(0, zeros, start, 0, zeros, *one, Flags())
+    for w in sorted({window(prog, p + 1) for p in range(prog.max_len)}):
+        positions = np.full((prog.slots,), w - 1, np.int32)
+        ex.decode(np.zeros((prog.slots,), np.int32), positions, np.ones((prog.slots,), bool), *rows, Flags())
     sched = svc.scheduler
     seq = Sequence(prompt=[svc.tok.bos_id if svc.tok.bos_id is not None else 0], max_tokens=2,
-                   settings=dict(temperature=0.0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                                 frequency_penalty=0.0, top_k=0, seed=0), stops=TextStops(svc.tok, []))
+                   settings=dict(DEFAULT_SETTINGS), stops=TextStops(svc.tok, []))
     sched.submit([seq])
     while seq.finish_reason is None:
         sched.step()
     sched.stats.clear()
+    say(f"serve: compiled the steps for {len(seen_windows)} prefill and "
+        f"{len({window(prog, p + 1) for p in range(prog.max_len)})} decode windows in {time.perf_counter() - t0:.1f}s")
 
 
 def serve(o: ServeOptions, say: Callable[[str], None] | None = None) -> int:
@@ -94,7 +115,7 @@ def serve(o: ServeOptions, say: Callable[[str], None] | None = None) -> int:
     if jax.process_index() != 0:
         follow(svc.scheduler.ex)
         return 0
-    warm_up(svc)
+    warm_up(svc, say)
     engine = threading.Thread(target=svc.scheduler.run, name="jaxllama-engine", daemon=True)
     engine.start()
     svc.ready = True

@@ -108,9 +108,18 @@ def _replicated(layout: Layout, tree):
     return jax.tree.map(lambda x: layout.constrain(x, (None,) * x.ndim), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("prog", "flags"), donate_argnums=(1,))
+def window(prog: SlotProgram, needed: int) -> int:
+    """The attention window (static) for queries at positions below ``needed``: a power of two from
+    64, at most the cache; so a step reads only the part of the cache in use, in a few compilations."""
+    w = 64
+    while w < needed:
+        w *= 2
+    return min(w, prog.max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("prog", "flags", "window"), donate_argnums=(1,))
 def prefill_chunk(params, state, slot, tokens, start, last, targets, floats, ints, *, prog: SlotProgram,
-                  flags: Flags):
+                  flags: Flags, window: int):
     """Prompt tokens ``tokens`` [chunk] at positions ``start``.. into slot ``slot``; ``last``: index of
     the chunk's last real token (the rest is padding, written past the prompt and overwritten later).
     Returns (state, out): out has the sampled token and its log-probability (meaningful after the
@@ -121,7 +130,7 @@ def prefill_chunk(params, state, slot, tokens, start, last, targets, floats, int
     view = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0), cache)
     positions = (start + jnp.arange(c, dtype=jnp.int32))[None]
     logits, view = prog.model.apply({"params": params}, tokens[None], positions, view, jnp.reshape(last, (1,)),
-                                    extend=True, all_logits=flags.score, method=Llama.decode)
+                                    extend=True, all_logits=flags.score, window=window, method=Llama.decode)
     cache = jax.tree.map(lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, slot, axis=0), cache, view)
     out = {}
     if flags.score:
@@ -142,13 +151,14 @@ def prefill_chunk(params, state, slot, tokens, start, last, targets, floats, int
     return state, _replicated(prog.layout, out)
 
 
-@functools.partial(jax.jit, static_argnames=("prog", "flags"), donate_argnums=(1,))
-def decode_step(params, state, tokens, positions, active, floats, ints, *, prog: SlotProgram, flags: Flags):
+@functools.partial(jax.jit, static_argnames=("prog", "flags", "window"), donate_argnums=(1,))
+def decode_step(params, state, tokens, positions, active, floats, ints, *, prog: SlotProgram, flags: Flags,
+                window: int):
     """Feed each active slot its newest token at its position; sample the next for every slot."""
     s = prog.slots
     pos = jnp.where(active, positions, prog.max_len)  # out of range: the cache write is dropped
     logits, cache = prog.model.apply({"params": params}, tokens[:, None], pos[:, None], state["cache"],
-                                     method=Llama.decode)
+                                     window=window, method=Llama.decode)
     rows = jnp.arange(s)
     fed = jnp.where(active, tokens, prog.arch.vocab_size)
     seen = state["seen"].at[rows, fed].set(True, mode="drop")

@@ -202,6 +202,8 @@ def create_app(svc: Service) -> FastAPI:
             return _stream(svc, seqs, queue, rid, model, "text_completion", prompt_tokens, req, chat=False)
         if not await _wait_all(seqs, queue, request, sched):
             return Response(status_code=499)
+        if any(s.error for s in seqs):
+            return error(P.ApiError(500, f"generation failed: {next(s.error for s in seqs if s.error)}"))
         choices = []
         for i, s in enumerate(seqs):
             text = s.text()
@@ -234,6 +236,8 @@ def create_app(svc: Service) -> FastAPI:
             return _stream(svc, seqs, queue, rid, model, "chat.completion.chunk", len(ids), req, chat=True)
         if not await _wait_all(seqs, queue, request, sched):
             return Response(status_code=499)
+        if any(s.error for s in seqs):
+            return error(P.ApiError(500, f"generation failed: {next(s.error for s in seqs if s.error)}"))
         choices = []
         for i, s in enumerate(seqs):
             lp = _chat_lp(svc, s, s.tokens, s.logprobs, s.tops, s.prompt) if req.logprobs else None
@@ -290,6 +294,10 @@ def _stream(svc: Service, seqs: list[Sequence], queue: asyncio.Queue, rid: str, 
             while done < len(seqs):
                 i, ev = await queue.get()
                 s = seqs[i]
+                if ev.get("error"):
+                    svc.requests["500"] += 1
+                    yield P.sse(P.ApiError(500, f"generation failed: {ev['error']}").body())
+                    break
                 n = len(s.tokens)
                 lp = None
                 if want_lp and n > shown[i]:
@@ -310,11 +318,11 @@ def _stream(svc: Service, seqs: list[Sequence], queue: asyncio.Queue, rid: str, 
                         choice["text"] = ev["text"]
                     yield P.sse(P.envelope(rid, obj, model, [choice]))
                 done += bool(ev["final"])
-            if req.include_usage():
+            if req.include_usage() and done == len(seqs):
                 yield P.sse(P.envelope(rid, obj, model, [], P.usage(prompt_tokens, sum(len(s.tokens) for s in seqs))))
             yield P.sse("[DONE]")
             finished = True
-            svc.requests["200"] += 1
+            svc.requests["200"] += done == len(seqs)
         finally:
             if not finished:
                 sched.cancel(seqs)

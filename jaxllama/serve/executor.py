@@ -53,6 +53,10 @@ class Executor:
                                                                   floats, ints))
         return self._decode(tokens, positions, active, floats, ints, flags)
 
+    def reset(self) -> None:
+        """A fresh state after a failed step (whose donated state may be gone)."""
+        self.state = jax.jit(self.prog.empty_state)()
+
     def idle(self) -> None:
         self._header(IDLE)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxllama.errors import first_line
 from jaxllama.infer.generate import TextStops
 from jaxllama.serve.executor import Executor
 from jaxllama.serve.slots import Flags, pack_rows
@@ -56,6 +58,7 @@ class Sequence:
     prompt_tops: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     cut_text: str | None = None  # the text before a stop string, once one is hit
+    error: str | None = None  # the step that held this sequence failed
     cancelled: bool = False
     slot: int | None = None
     filled: int = 0  # prompt tokens in the cache
@@ -124,15 +127,33 @@ class Scheduler:
     # -- the engine thread ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Step until :meth:`stop`; idle, wait for work (several processes: keep them in step)."""
+        """Step until :meth:`stop`; idle, wait for work (several processes: keep them in step). A step
+        that fails ends the sequences it held with an error (their clients get a 500) and the loop
+        goes on with a fresh cache: one bad step does not take the server down."""
         try:
             while not self.stopping.is_set():
-                if not self.step():
+                try:
+                    busy = self.step()
+                except Exception as e:  # noqa: BLE001 - reported to every client it affects
+                    self.fail(f"{type(e).__name__}: {first_line(e)}")
+                    continue
+                if not busy:
                     self.wake.wait(timeout=1.0)
                     self.wake.clear()
                     self.ex.idle()
         finally:
             self.ex.close()
+
+    def fail(self, message: str) -> None:
+        """End every sequence in a slot with ``error``, and start over with an empty cache."""
+        print(f"jaxllama serve: a step failed: {message}", file=sys.stderr, flush=True)
+        self.stats["failed_steps"] += 1
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self.slots[i] = None
+                s.finish_reason, s.error = "error", message
+                s.emit(dict(text="", final=True, finish_reason="error", error=message))
+        self.ex.reset()
 
     def stop(self) -> None:
         self.stopping.set()

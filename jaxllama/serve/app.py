@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from jaxllama.data.chat_format import chat_prompt
 from jaxllama.infer.generate import TextStops
 from jaxllama.serve import protocol as P
-from jaxllama.serve.scheduler import QueueFull, Scheduler, Sequence
+from jaxllama.serve.scheduler import InContext, QueueFull, Scheduler, Sequence
 
 _SEED_MASK = 0x7FFFFFFF
 
@@ -96,7 +96,8 @@ class Service:
                                 frequency_penalty=req.frequency_penalty, top_k=top_k,
                                 seed=(base_seed * 1_000_003 + j) & _SEED_MASK)
                 limit = self.max_len - len(ids) if max_tokens is None else max_tokens
-                seqs.append(Sequence(prompt=ids, max_tokens=limit, settings=settings, stops=TextStops(self.tok, stops),
+                seqs.append(Sequence(prompt=ids, max_tokens=limit, settings=settings,
+                                     stops=TextStops(InContext(self.tok, ids), stops),
                                      stop_ids=frozenset() if req.ignore_eos else self.stop_ids, top=top, score=score))
         return seqs
 
@@ -215,7 +216,7 @@ def create_app(svc: Service) -> FastAPI:
             choices.append(dict(index=i, text=text, logprobs=lp, finish_reason=s.finish_reason))
         svc.requests["200"] += 1
         return JSONResponse(P.envelope(rid, "text_completion", model, choices,
-                                       P.usage(prompt_tokens, sum(len(s.tokens) for s in seqs))))
+                                       P.usage(prompt_tokens, sum(s.generated for s in seqs))))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -245,16 +246,22 @@ def create_app(svc: Service) -> FastAPI:
                                 logprobs=lp, finish_reason=s.finish_reason))
         svc.requests["200"] += 1
         return JSONResponse(P.envelope(rid, "chat.completion", model, choices,
-                                       P.usage(len(ids), sum(len(s.tokens) for s in seqs))))
+                                       P.usage(len(ids), sum(s.generated for s in seqs))))
 
     return app
 
 
 def _completion_lp(svc: Service, s: Sequence, echo: bool, k: int) -> dict:
-    strings = svc.strings(s.tokens, s.prompt)
-    lps: list = list(s.logprobs)
+    tokens, lps, top_pairs = list(s.tokens), list(s.logprobs), list(s.tops or [[]] * len(s.tokens))
+    if s.stop_token is not None:  # the EOS that ended it: scored, as vLLM and lm-eval expect
+        tokens.append(s.stop_token[0])
+        lps.append(s.stop_token[1])
+        top_pairs.append(s.stop_token[2])
+    strings = svc.strings(tokens, s.prompt)
+    if s.stop_token is not None:
+        strings[-1] = svc.token_text(s.stop_token[0])
     tops: list = [svc.alt(t, tok, lp) if k else {svc.token_text(tok): lp}
-                  for t, tok, lp in zip(s.tops or [[]] * len(s.tokens), s.tokens, s.logprobs)]
+                  for t, tok, lp in zip(top_pairs, tokens, lps)]
     offset = len(svc.tok.decode(s.prompt))
     if echo:
         head = s.prompt[1:]
@@ -319,7 +326,7 @@ def _stream(svc: Service, seqs: list[Sequence], queue: asyncio.Queue, rid: str, 
                     yield P.sse(P.envelope(rid, obj, model, [choice]))
                 done += bool(ev["final"])
             if req.include_usage() and done == len(seqs):
-                yield P.sse(P.envelope(rid, obj, model, [], P.usage(prompt_tokens, sum(len(s.tokens) for s in seqs))))
+                yield P.sse(P.envelope(rid, obj, model, [], P.usage(prompt_tokens, sum(s.generated for s in seqs))))
             yield P.sse("[DONE]")
             finished = True
             svc.requests["200"] += done == len(seqs)

@@ -59,6 +59,7 @@ class Sequence:
     finish_reason: str | None = None
     cut_text: str | None = None  # the text before a stop string, once one is hit
     error: str | None = None  # the step that held this sequence failed
+    stop_token: tuple | None = None  # (id, logprob, alternatives) of the stop token that ended it
     cancelled: bool = False
     slot: int | None = None
     filled: int = 0  # prompt tokens in the cache
@@ -69,6 +70,11 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.filled < len(self.prompt)
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated, the stop token that ended it included (OpenAI's completion_tokens)."""
+        return len(self.tokens) + (self.stop_token is not None)
 
     def text(self, final: bool = True) -> str:
         """The text so far (final: all of it; else what is safe to show while more may come)."""
@@ -247,14 +253,14 @@ class Scheduler:
     def _accept(self, s: Sequence, token: int, logprob: float, top: Any, row: int) -> None:
         """A new token for ``s``: stop id, stop string, token budget or a full context ends it."""
         self.stats["completion_tokens"] += 1
-        if token in s.stop_ids:
+        if token in s.stop_ids:  # not in the text, but in the log-probabilities (lm-eval scores it)
+            s.stop_token = (token, logprob, _row_top(top, row, s.top))
             self._finish(s, "stop")
             return
         s.tokens.append(token)
         s.logprobs.append(logprob)
         if s.top:
-            ids, vals = top
-            s.tops.append(list(zip(ids[row, :s.top].tolist(), vals[row, :s.top].tolist())))
+            s.tops.append(_row_top(top, row, s.top))
         text, keep = s.stops.cut(s.tokens) if s.stops.stops else (None, None)
         if keep is not None:
             del s.tokens[keep:], s.logprobs[keep:], s.tops[keep:]
@@ -275,6 +281,25 @@ class Scheduler:
         text = s.text(final)
         delta, s.sent = text[s.sent:], max(s.sent, len(text))
         s.emit(dict(text=delta, final=final, finish_reason=s.finish_reason))
+
+
+def _row_top(top: Any, row: int, k: int) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    ids, vals = top
+    return list(zip(ids[row, :k].tolist(), vals[row, :k].tolist()))
+
+
+class InContext:
+    """Decodes output tokens as the text they add after ``prompt`` (SentencePiece drops a leading
+    space when tokens are decoded alone; vLLM's text keeps it)."""
+
+    def __init__(self, tok: Any, prompt: list[int]):
+        self.tok, self.prompt = tok, list(prompt)
+        self.head = len(tok.decode(self.prompt))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(self.prompt + list(ids))[self.head:]
 
 
 def _sorts(settings: dict) -> bool:

@@ -11,12 +11,6 @@ offline: the tokenizer is the local folder's, the tasks are local YAML files ove
 import io
 import json
 import random
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -26,6 +20,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import random_params
+from serve_helpers import running_server
 from jaxllama.config import load_config
 from jaxllama.convert.common import Extras, ParamsSource
 from jaxllama.convert.hf import write_hf
@@ -78,49 +73,11 @@ def reference(hf_dir):
     return model, tok
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout: float = 5.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
 @pytest.fixture(scope="module")
-def server(hf_dir, tmp_path_factory):
+def server(hf_dir):
     """`jaxllama serve` on a free local port, up until /health answers 200; always stopped afterwards."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    cmd = [sys.executable, "-m", "jaxllama.cli", "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--debug"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_S
-        while get(f"{base}/health", timeout=2.0) != 200:
-            if proc.poll() is not None:
-                pytest.fail(f"jaxllama serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"jaxllama serve: no 200 from /health in {STARTUP_S:.0f} s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+    with running_server(hf_dir, "--host", "127.0.0.1", timeout=STARTUP_S) as base:
+        yield base, None
 
 
 # ------------------------------------------------------------------------------------- tasks and data
@@ -190,7 +147,7 @@ def test_lm_eval_local_completions_matches_transformers(hf_dir, reference, serve
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     model, tok = reference
-    base, log_path = server
+    base, _ = server
     stop = write_tasks(tmp_path, model, tok)
     model_args = {"model": str(hf_dir), "base_url": f"{base}/v1/completions", "tokenizer_backend": "huggingface",
                   "tokenized_requests": True, "batch_size": BATCH, "num_concurrent": 1, "max_retries": 1,
@@ -201,7 +158,7 @@ def test_lm_eval_local_completions_matches_transformers(hf_dir, reference, serve
             task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),  # (defaults: +9 s)
             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     except Exception as e:  # the server's side of the story is in its log
-        raise AssertionError(f"lm-eval failed: {e!r}\n--- jaxllama serve log ---\n{log_path.read_text()[-4000:]}")
+        raise AssertionError(f"lm-eval failed: {e!r} (the server's log: $TMPDIR/jaxllama-serve-PORT.log)")
 
     # lm-eval's own tokenization of each (context, continuation) pair, as its local-completions model does it
     lm = LocalCompletionsAPI(**{**model_args, "base_url": None})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -237,9 +238,9 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(hf_dir):
         with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
             lines = s.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
-        deadline = __import__("time").monotonic() + 30
+        deadline = time.monotonic() + 30
         while "jaxllama_sequences_cancelled_total 1" not in httpx.get(f"{url}/metrics").text:
-            assert __import__("time").monotonic() < deadline, "the closed stream was never cancelled"
+            assert time.monotonic() < deadline, "the closed stream was never cancelled"
         r = httpx.post(f"{url}/v1/completions", json=dict(prompt="hi", max_tokens=2), timeout=10)
         assert r.status_code == 200
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from typing import Any, AsyncIterator
 
@@ -86,7 +87,7 @@ class Service:
             raise P.ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} choices is more than the server queues "
                                   f"({self.scheduler.max_queue})", "n")
         stops = req.stop_strings()
-        base_seed = req.seed if req.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+        base_seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         top_k = 0 if req.top_k < 0 else req.top_k
         seqs = []
         for ids in prompts:

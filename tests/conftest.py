@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+pytest_plugins = ["trained_model"]  # the session fixture trained_tiny: a small model trained for real
+
 
 def pytest_configure(config):
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set too late?)"

@@ -152,8 +152,9 @@ def _add_convert(sub) -> None:
                    help="SRC is a LoRA adapter (run or PEFT folder): write its base with the adapter folded in")
     p.add_argument("--base", help="--merge-lora: the base model (default: the one the adapter records)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast weights (default: as stored)")
-    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
-                   help="GGUF tensor type (default: from --dtype or the source; norms stay f32)")
+    p.add_argument("--gguf-type", metavar="TYPE",  # checked by convert() against api.GGUF_TYPES (imports jax)
+                   help="GGUF tensor type: f32 f16 bf16 q8_0 q6_k q5_1 q5_0 q4_k_m q4_k q4_1 q4_0 (default: from "
+                        "--dtype or the source; norms stay f32; quantized types choose per tensor as llama.cpp does)")
     p.add_argument("--shard-size", default="5GB", help="Hugging Face: max bytes per safetensors file (default 5GB)")
     p.add_argument("--shards", type=int, default=1, help="Meta: number of model-parallel shards (default 1)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -256,6 +257,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                    "run's config.yaml) whose mesh.rules is used (default: the built-in rules)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights and compute (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"),
+                   help="weight-only quantization of the projections, embedding and LM head (default: as stored)")
+    p.add_argument("--group-size", type=int,
+                   help="inputs per quantization scale (default: int8 one per output channel = 0, int4 128)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -305,7 +310,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
-    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args), lora=args.lora)
+    loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args), lora=args.lora,
+                  quantize=args.quantize, group_size=args.group_size)
     quiet = (lambda _: None) if jax.process_index() else None
     say = None if jax.process_index() else (lambda line: print(line, file=sys.stderr, flush=True))
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
@@ -340,7 +346,7 @@ def cmd_eval(args) -> int:
     result = evaluate(args.model, args.data, args.tokenizer, args.mesh, args.dtype, args.seq_len, args.batch,
                       args.max_batches, args.overrides,
                       say=(lambda line: print(line, file=sys.stderr)) if main_process else (lambda _: None),
-                      rules=_rules(args), lora=args.lora)
+                      rules=_rules(args), lora=args.lora, quantize=args.quantize, group_size=args.group_size)
     if main_process:
         print(json.dumps(result))
     return 0
@@ -373,7 +379,8 @@ def cmd_serve(args) -> int:
     return serve(ServeOptions(model=args.model, tokenizer=args.tokenizer, mesh=args.mesh, dtype=args.dtype,
                               lora=args.lora, rules=_rules(args), host=args.host, port=args.port, slots=args.slots,
                               max_len=args.max_len, chunk=args.chunk, max_queue=args.max_queue,
-                              names=tuple(args.served_model_name), chat_template=args.chat_template))
+                              names=tuple(args.served_model_name), chat_template=args.chat_template,
+                              quantize=args.quantize, group_size=args.group_size))
 
 
 def _skip_absent_tpu() -> None:

@@ -46,7 +46,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def matmul_params(a: Arch) -> int:
     """Per-layer matmul weights times layers (excludes the embedding and the LM head), counted off the
     model's own parameter shapes."""
-    base = dataclasses.replace(a, lora_rank=0, lora_quantize="none")  # the model's math: adapters are ~rank/dim of it
+    base = dataclasses.replace(a, lora_rank=0, quantize="none")  # the model's math: adapters are ~rank/dim of it
     return sum(math.prod(shape) for name, shape in param_shapes(base).items()
                if name.startswith("layers/") and name.endswith("/kernel"))
 

@@ -203,7 +203,7 @@ def test_bad_inputs_are_one_line_errors(base, tuned, tmp_path):
 @pytest.mark.parametrize("mode, group", [("int8", 0), ("int4", 32)])
 def test_qlora_base_is_quantized_frozen_and_close(base, mode, group):
     from jaxllama.data.sources import make_source
-    from jaxllama.model.quant import dequantize
+    from jaxllama.model.quant import QDTYPE, dequantize, unpack
 
     d, params, _ = base
     extra = [f"train.lora.quantize={mode}"] + ([f"train.lora.group_size={group}"] if group else [])
@@ -211,13 +211,14 @@ def test_qlora_base_is_quantized_frozen_and_close(base, mode, group):
     plain.initialize(say=lambda _: None)
     qlora.initialize(say=lambda _: None)
     node = qlora.state.frozen["layers"]["mlp"]["up_proj"]
-    assert set(node) == {"kernel_q", "kernel_scale"} and node["kernel_q"].dtype == jnp.int8
-    levels = np.asarray(node["kernel_q"])
+    assert set(node) == {"kernel_q", "kernel_scale"} and node["kernel_q"].dtype == QDTYPE[mode]
+    scale = np.asarray(node["kernel_scale"])  # [layers, out, groups]
+    levels = np.asarray(unpack(node["kernel_q"], mode, scale.shape[-1]))
     assert levels.min() >= (-127 if mode == "int8" else -8) and levels.max() <= (127 if mode == "int8" else 7)
     w = params["layers"]["mlp"]["up_proj"]["kernel"]
     deq = np.asarray(dequantize(node["kernel_q"], node["kernel_scale"], mode))
-    scale = np.asarray(node["kernel_scale"])
-    per_elem = scale[:, None, :] if mode == "int8" else np.repeat(scale, group, axis=1)
+    assert scale.shape[-1] == (1 if mode == "int8" else w.shape[1] // group)
+    per_elem = np.repeat(scale, w.shape[1] // scale.shape[-1], axis=-1).swapaxes(-1, -2)  # [layers, in, out]
     assert np.all(np.abs(deq - w) <= per_elem / 2 + 1e-6)  # round to nearest: at most half a step
     assert "kernel" not in node and qlora.state.frozen["embed_tokens"]["embedding"].dtype == jnp.float32
     src = make_source(lora_cfg(d))

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from jaxllama.config import config_from_dict
 from jaxllama.errors import ConfigError
-from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
+from jaxllama.infer.placement import (inference_arch, inference_program, parse_mesh, place_params,
+                                      quantize_for_inference, stored_quantization)
 from jaxllama.model.llama import Arch
 from jaxllama.train.evaluate import evaluate as run_eval
 
@@ -34,11 +35,13 @@ def eval_config(model_cfg, data: str, tokenizer: str | None, seq_len: int, batch
 def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
              seq_len: int | None = None, batch: int = 8, max_batches: int = 0, overrides: Sequence[str] = (),
              devices: list | None = None, say: Callable[[str], None] = lambda _: None,
-             rules: list | None = None, lora: str | None = None) -> dict:
+             rules: list | None = None, lora: str | None = None, quantize: str | None = None,
+             group_size: int | None = None) -> dict:
     """Sum NLL and token counts over the eval pass (or ``max_batches``); returns the summary dict.
 
     ``seq_len`` defaults to 512 tokens per row, or the model's context when shorter. ``lora``: an
-    adapter folded into MODEL's weights first.
+    adapter folded into MODEL's weights first. ``quantize``/``group_size``: as ``generate``'s (the
+    perplexity of the quantized model).
     """
     from jaxllama.convert import load_model
     from jaxllama.data.sources import make_source
@@ -49,8 +52,12 @@ def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | No
     seq_len = seq_len or min(512, loaded.model_cfg.max_position)
     cfg = eval_config(loaded.model_cfg, data, tokenizer or loaded.tokenizer_path, seq_len, batch, overrides)
     arch = inference_arch(Arch.from_config(cfg.model), dtype)
+    arch, quantize = stored_quantization(arch, loaded.params, model, quantize, group_size)
     program = inference_program(arch, parse_mesh(mesh), devices, rules, data=cfg.data)
     params = place_params(loaded.params, arch, program.layout, program.params_shardings)
+    if quantize not in (None, "none"):
+        params, arch = quantize_for_inference(params, arch, program.layout, quantize, group_size)
+        program = inference_program(arch, parse_mesh(mesh), devices, rules, data=cfg.data)
     source = make_source(cfg, split="eval")
     start = time.perf_counter()
     try:
@@ -64,4 +71,5 @@ def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | No
     say(f"{r['eval_batches']} batches, {count:,} tokens")
     return dict(model=model, data=data, batches=r["eval_batches"], tokens=count, mean_nll=r["eval_loss"],
                 perplexity=r["eval_ppl"], seconds=time.perf_counter() - start,
-                mesh=program.plan.shape, dtype=arch.dtype)
+                mesh=program.plan.shape, dtype=arch.dtype, quantize=arch.quantize,
+                **({"group_size": arch.quant_group} if arch.quantize != "none" else {}))

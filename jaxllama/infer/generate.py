@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 from jaxllama.errors import ConfigError
 from jaxllama.data.chat_format import auto_format, chat_prompt, messages_for
 from jaxllama.infer.engine import Completion, Engine
-from jaxllama.infer.placement import inference_arch, inference_program, parse_mesh, place_params
+from jaxllama.infer.placement import (inference_arch, inference_program, parse_mesh, place_params,
+                                      quantize_for_inference, stored_quantization)
 from jaxllama.infer.sampling import Sampling
 from jaxllama.model.llama import Arch, model_params
 
@@ -32,12 +33,17 @@ class Loaded:
 
 
 def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
-         devices: list | None = None, rules: list | None = None, lora: str | None = None) -> Loaded:
+         devices: list | None = None, rules: list | None = None, lora: str | None = None,
+         quantize: str | None = None, group_size: int | None = None) -> Loaded:
     """Read MODEL (jaxllama/HF/Meta/GGUF), place it sharded on the inference mesh (``--mesh``, laid out
     by ``rules``: default the training defaults), open its tokenizer.
 
     ``lora`` (a LoRA run or PEFT folder), or MODEL itself being a LoRA run: the adapter runs beside the
-    base weights, unmerged (the model computes ``x W + alpha / rank * x A B``), with the run's tokenizer."""
+    base weights, unmerged (the model computes ``x W + alpha / rank * x A B``), with the run's tokenizer.
+
+    ``quantize`` int8/int4 (``group_size`` inputs per scale): weight-only quantization in the shards
+    after placement (:func:`jaxllama.infer.placement.quantize_for_inference`); a model stored
+    quantized runs as stored."""
     from jaxllama.convert import adapters, load_model
     from jaxllama.data.tokenizers import load_tokenizer
     from jaxllama.model.lora import merge
@@ -52,6 +58,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
         if adapter.tokenizer_dir is not None:
             loaded.tokenizer_path = str(adapter.tokenizer_dir)
     arch = inference_arch(Arch.from_config(loaded.model_cfg, lora_cfg), dtype, scan_layers=False)
+    arch, quantize = stored_quantization(arch, loaded.params, model, quantize, group_size)
     tok_path = tokenizer or loaded.tokenizer_path
     if tok_path is None:
         raise ConfigError(f"{model}: no tokenizer found beside the model; pass --tokenizer PATH")
@@ -63,6 +70,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     layout = program.layout
     params = place_params(model_params(loaded.params, arch), arch, layout,  # numpy views, no copy
                           program.model_params(program.params_shardings))
+    params, arch = quantize_for_inference(params, arch, layout, quantize or "none", group_size)
     return Loaded(Engine(params, arch, layout, tok.vocab_size), tok, loaded.chat_template or tok.chat_template)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxllama.config import DEFAULT_RULES, Config, DataConfig, MeshConfig, ModelConfig
 from jaxllama.errors import ConfigError
+from jaxllama.model import quant
 from jaxllama.model.llama import Arch, abstract_params
 from jaxllama.parallel.mesh import AXES, parse_mesh  # noqa: F401  (parse_mesh: the CLI's --mesh)
 from jaxllama.parallel.sharding import Layout, ShardError, place
@@ -40,7 +41,7 @@ def inference_program(a: Arch, sizes: dict[str, int] | None = None, devices: lis
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(f"--mesh: with {jax.process_count()} processes the mesh must use all {len(devices)} "
                           f"devices, got {n}")
-    model = ModelConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Arch) if not f.name.startswith("lora_")})
+    model = ModelConfig(**{k: getattr(a, k) for k in Arch.model_fields()})
     cfg = Config(model=model, mesh=MeshConfig(**sizes, rules=list(rules or DEFAULT_RULES)),
                  data=data or DataConfig(seq_len=1, global_batch=n))
     try:
@@ -86,8 +87,56 @@ def place_params(params: Any, a: Arch, layout: Layout, shardings: Any = None) ->
     ``shardings``: the program's (``program.state_shardings.params``), else derived from ``layout``."""
     dtype = jnp.dtype(a.param_dtype)
     if layout.mesh is None:
-        return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: jnp.asarray(x, None if p[-1].key in quant.STORED_AS_IS else dtype), params)
     shardings = shardings or param_shardings(a, layout)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError("parameters do not match the model's tree (a checkpoint of another architecture?)")
     return place(params, shardings, dtype)
+
+
+def quantized_arch(a: Arch, mode: str, group: int | None = None) -> Arch:
+    """``a`` with weight-only quantized block projections, embedding and LM head (``--quantize``,
+    ``--group-size``: default per output channel for int8, 128 for int4); one-line errors for a mode
+    or group size the model's shapes cannot take."""
+    quant.check_mode(mode, "--quantize")
+    if mode == "none":
+        return a
+    group = quant.DEFAULT_GROUP[mode] if group is None else group
+    if group == 0 and mode == "int4":
+        raise ConfigError("--group-size 0 (one scale per output) is int8's; int4 needs groups (e.g. 32, 64, 128)")
+    for d_in in sorted({a.dim, a.n_heads * a.head_dim, a.ffn_dim}):
+        quant.check_group(d_in, group, "--group-size", mode)
+    return dataclasses.replace(a, quantize=mode, quant_group=group, quant_embed=True)
+
+
+def quantize_for_inference(params: Any, a: Arch, layout: Layout, mode: str,
+                           group: int | None = None) -> tuple[Any, Arch]:
+    """Float params placed for ``a`` -> (quantized params in their shards, the quantized arch). The
+    quantization runs jitted in the shards (each device quantizes its own slice; the scales take their
+    kernel's output sharding); the float copy is freed when the caller drops it."""
+    qa = quantized_arch(a, mode, group)
+    if qa is a:
+        return params, a
+    from jaxllama.model.llama import model_params
+
+    shardings = model_params(param_shardings(qa, layout), qa) if layout.mesh is not None else None
+    fn = jax.jit(lambda t: quant.quantize_tree(t, qa.quantize, qa.quant_group, embedding=True),
+                 out_shardings=shardings)
+    return fn(params), qa
+
+
+def stored_quantization(a: Arch, params: Any, where: str, quantize: str | None,
+                        group: int | None) -> tuple[Arch, str | None]:
+    """(arch, what is left to quantize) for a checkpoint that may be stored quantized: such a one runs
+    as stored (its arch says so); asking for another quantization of it is a one-line error."""
+    stored = quant.detect(params)
+    if stored is None:
+        if quantize is None and group is not None:
+            raise ConfigError("--group-size applies only with --quantize int8 or int4")
+        return a, quantize
+    mode, g = stored
+    if quantize not in (None, mode) or (group is not None and group != g):
+        raise ConfigError(f"{where}: stored quantized ({mode}, group size {g}); --quantize {quantize} "
+                          f"--group-size {group} would quantize it again: convert from the float model instead")
+    return quantized_arch(a, mode, g), None

@@ -46,6 +46,9 @@ _REMAT = {
 }
 
 
+_NOT_MODEL_CONFIG = ("quantize", "quant_group", "quant_embed")  # set by LoRA's config or by inference, not model.*
+
+
 @dataclass(frozen=True)
 class Arch:
     """Resolved, hashable model hyper-parameters (built from a resolved ``ModelConfig``)."""
@@ -76,19 +79,28 @@ class Arch:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()
-    lora_quantize: str = "none"  # QLoRA base: none | int8 | int4 (jaxllama/model/quant.py)
-    lora_group: int = 128
+    # Weight-only quantization (jaxllama/model/quant.py): none | int8 | int4, for QLoRA's frozen base
+    # and for quantized inference; int4's (and a GGUF's grouped int8's) input rows per scale.
+    quantize: str = "none"
+    quant_group: int = 128
+    quant_embed: bool = False  # also the embedding table and LM head (inference; QLoRA trains over a float one)
+
+    @classmethod
+    def model_fields(cls) -> list[str]:
+        """The fields that mirror ``model.*`` (:class:`jaxllama.config.ModelConfig`); the rest come from
+        LoRA's config or from inference options."""
+        return [k for k in cls.__dataclass_fields__ if not k.startswith("lora_") and k not in _NOT_MODEL_CONFIG]
 
     @classmethod
     def from_config(cls, m, lora=None) -> "Arch":
         """From a resolved :class:`jaxllama.config.ModelConfig` (and a ``LoraConfig`` with rank > 0 for
         adapters); ``dtype: auto`` picks by backend."""
-        names = [k for k in cls.__dataclass_fields__ if not k.startswith("lora_")]
-        values = {k: getattr(m, k) for k in names}
+        values = {k: getattr(m, k) for k in cls.model_fields()}
         if lora is not None and lora.rank:
+            mode = getattr(lora, "quantize", "none")  # QLoRA: int8 per output channel, int4 grouped
             values.update(lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                          lora_targets=tuple(lora.targets), lora_quantize=getattr(lora, "quantize", "none"),
-                          lora_group=getattr(lora, "group_size", 128))
+                          lora_targets=tuple(lora.targets), quantize=mode,
+                          quant_group=getattr(lora, "group_size", 128) if mode == "int4" else 0)
         if values["dtype"] == "auto":
             values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         values["attention"] = resolve_impl(values["attention"], values["dtype"])
@@ -149,7 +161,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.a
-        if a.lora_quantize != "none" and self.name in quant.BLOCK_LINEARS:
+        if a.quantize != "none" and (self.name in quant.BLOCK_LINEARS or (a.quant_embed and self.name == "lm_head")):
             y = self._quantized(x)
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
@@ -160,16 +172,15 @@ class Linear(nn.Module):
         return y
 
     def _quantized(self, x: jax.Array) -> jax.Array:
-        """A QLoRA base kernel: int8/int4 values and float32 scales (:mod:`jaxllama.model.quant`), frozen.
-        Their values always come from quantizing float weights (``quant.quantize_tree``), never from init."""
-        a, d_in, mode = self.a, x.shape[-1], self.a.lora_quantize
-        q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
-                       (d_in, self.features), quant.QDTYPE[mode])
-        scale_shape, scale_axes = ((self.features,), (self.axes[1],)) if mode == "int8" else \
-            ((d_in // a.lora_group, self.features), (None, self.axes[1]))
-        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
-                           scale_shape, jnp.float32)
-        return checkpoint_name(quant.dequantized_matmul(x, q, scale, mode, a.dtype), "dense")
+        """A quantized kernel (QLoRA's frozen base, or quantized inference): int8/int4 values and float32
+        scales in :mod:`jaxllama.model.quant`'s output-major layout. Their values always come from
+        quantizing float weights (``quant.quantize_tree``) or from a quantized file, never from init."""
+        a, d_in, mode = self.a, x.shape[-1], self.a.quantize
+        q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[::-1]),
+                       quant.q_shape(mode, d_in, self.features), quant.QDTYPE[mode])
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axes[1], None)),
+                           quant.scale_shape(mode, a.quant_group, d_in, self.features), jnp.float32)
+        return checkpoint_name(quant.matmul(x, q, scale, mode, a.dtype), "dense")
 
     def _lora(self, x: jax.Array) -> jax.Array:
         """The adapter's ``alpha / rank * dropout(x) A B``: A [in, rank] is sharded like the kernel's input
@@ -310,14 +321,32 @@ class Embed(nn.Module):
     a: Arch
 
     def setup(self):
+        a = self.a
+        if a.quantize != "none" and a.quant_embed:  # quantized inference: output-major, like a tied head
+            mode, axes = a.quantize, ("vocab", "embed")
+            self.embedding_q = self.param("embedding_q", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                                          quant.q_shape(mode, a.dim, a.vocab_size), quant.QDTYPE[mode])
+            self.embedding_scale = self.param(
+                "embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab", None)),
+                quant.scale_shape(mode, a.quant_group, a.dim, a.vocab_size), jnp.float32)
+            return
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
-        self.embedding = self.param("embedding", init, (self.a.vocab_size, self.a.dim),
-                                    jnp.dtype(self.a.param_dtype))
+        self.embedding = self.param("embedding", init, (a.vocab_size, a.dim), jnp.dtype(a.param_dtype))
+
+    @property
+    def quantized(self) -> bool:
+        return self.a.quantize != "none" and self.a.quant_embed
 
     def __call__(self, tokens):
+        if self.quantized:
+            return quant.embed_rows(self.embedding_q, self.embedding_scale, self.a.quantize, tokens, self.a.dtype)
         return jnp.take(self.embedding, tokens, axis=0).astype(self.a.dtype)
 
     def attend(self, x):
+        """Logits of a tied head. (XLA:CPU fuses the transpose into the matmul's operand read; an explicit
+        ``dot_general`` over the table's embed axis measured slower for batch-1 decoding.)"""
+        if self.quantized:
+            return quant.matmul(x, self.embedding_q, self.embedding_scale, self.a.quantize, self.a.dtype).astype(F32)
         return jnp.dot(x.astype(self.a.dtype), self.embedding.T.astype(self.a.dtype), preferred_element_type=F32)
 
 
@@ -436,10 +465,14 @@ def param_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
 
 
 def head_kernel(params: dict, a: Arch) -> jax.Array:
-    """The LM head as an [embed, vocab] matrix (the transposed embedding when tied)."""
-    if a.tie_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+    """The LM head as an [embed, vocab] matrix (the transposed embedding when tied); a quantized head
+    (quantized inference, e.g. ``jaxllama eval --quantize``) is dequantized."""
+    node = params["embed_tokens"] if a.tie_embeddings else params["lm_head"]
+    if "embedding_q" in node:
+        return quant.dequantize(node["embedding_q"], node["embedding_scale"], a.quantize, jnp.dtype(a.dtype))
+    if "kernel_q" in node:
+        return quant.dequantize(node["kernel_q"], node["kernel_scale"], a.quantize, jnp.dtype(a.dtype))
+    return node["embedding"].T if a.tie_embeddings else node["kernel"]
 
 
 def _layers_of(x: Any, n: int) -> list:

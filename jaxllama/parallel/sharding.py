@@ -137,14 +137,18 @@ def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...],
 def place(tree: Any, shardings: Any, dtype: Any) -> Any:
     """Arrays (host or device) -> their shards, cast to ``dtype``, one leaf at a time. Host arrays go
     through ``make_array_from_callback``: each process copies only the slices its own devices hold,
-    so no device ever holds a full copy, and a mesh may span several processes."""
-    def put(x, sharding):
-        if isinstance(x, jax.Array):
-            return jax.device_put(x.astype(dtype), sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx].astype(dtype))
+    so no device ever holds a full copy, and a mesh may span several processes. Quantized values and
+    their scales (:data:`jaxllama.model.quant.STORED_AS_IS`) keep their own dtypes."""
+    from jaxllama.model.quant import STORED_AS_IS
 
-    return jax.tree.map(put, tree, shardings)
+    def put(path, x, sharding):
+        dt = x.dtype if getattr(path[-1], "key", None) in STORED_AS_IS else dtype
+        if isinstance(x, jax.Array):
+            return jax.device_put(x.astype(dt), sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx].astype(dt))
+
+    return jax.tree_util.tree_map_with_path(put, tree, shardings)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,

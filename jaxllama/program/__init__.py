@@ -141,11 +141,11 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
                          + (f" times train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else "")
                          + f"; set data.global_batch to a multiple of {need} (e.g. data.global_batch={need})",
                          "data.global_batch", d.global_batch, axes, rows)
-    if arch.lora_quantize == "int4":
+    if arch.quantize == "int4":
         from jaxllama.model.quant import check_group
 
         for d_in in {arch.dim, arch.n_heads * arch.head_dim, arch.ffn_dim}:
-            check_group(d_in, arch.lora_group, "train.lora.group_size")
+            check_group(d_in, arch.quant_group, "train.lora.group_size")
     boxed = abstract_params(dataclasses.replace(arch, scan_layers=True))  # the state's tree is the canonical one
     check_shapes(layout, arch, boxed, d.global_batch // t.grad_accum, d.seq_len)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
@@ -180,7 +180,7 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
 def reference_arch(arch: Arch) -> Arch:
     """The architecture of a separate DPO reference: the policy's, float, without adapters, scanned
     (the canonical tree)."""
-    return dataclasses.replace(arch, lora_rank=0, lora_dropout=0.0, lora_quantize="none", scan_layers=True)
+    return dataclasses.replace(arch, lora_rank=0, lora_dropout=0.0, quantize="none", scan_layers=True)
 
 
 def check_shapes(layout: Layout, arch: Arch, boxed_params: Any, rows: int, length: int) -> None:

@@ -81,7 +81,7 @@ def make_reference_logps(model: Llama, a: Arch, seq_len: int, pairs_per_row: int
     chunk = loss_chunk_size(seq_len, a.vocab_size, loss_chunk)
     # base: the policy's frozen tree without adapters (QLoRA: still quantized); separate: a float tree
     ref_arch = dataclasses.replace(a, lora_rank=0, lora_dropout=0.0,
-                                   **({} if reference == "base" else {"lora_quantize": "none"}))
+                                   **({} if reference == "base" else {"quantize": "none"}))
     ref_model = model.clone(a=ref_arch)
 
     def fn(params, batch, reference_params=None):

@@ -233,9 +233,9 @@ def init_state(model: Llama, tx: optax.GradientTransformation, shardings: TrainS
 def quantize_base(a: Arch, float_base: Any, shardings: Any) -> Any:
     """A QLoRA run's float base weights -> its frozen int8/int4 tree, placed per ``shardings`` (the float
     copy is donated). Without quantization the base is returned as it is."""
-    if a.lora_quantize == "none":
+    if a.quantize == "none":
         return float_base
-    fn = jax.jit(lambda t: quant.quantize_tree(t, a.lora_quantize, a.lora_group), out_shardings=shardings,
+    fn = jax.jit(lambda t: quant.quantize_tree(t, a.quantize, a.quant_group), out_shardings=shardings,
                  donate_argnums=0)
     return fn(float_base)
 
@@ -259,7 +259,7 @@ def _params_init(a: Arch, tree: Any, leaves: tuple, part: str = "all") -> Callab
     unrolled layers) creates its parameters with the same one. ``part``: all, or a LoRA tree's
     adapters or base (the other part's draws are dead code XLA drops; each leaf's value is the same
     as in the whole tree)."""
-    model = Llama(dataclasses.replace(a, lora_quantize="none"))  # a QLoRA base is made from float weights
+    model = Llama(dataclasses.replace(a, quantize="none"))  # a QLoRA base is made from float weights
 
     def init(key):
         params = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
@@ -268,6 +268,6 @@ def _params_init(a: Arch, tree: Any, leaves: tuple, part: str = "all") -> Callab
         adapters, base = lora.split(params)
         if part == "adapters":
             return adapters
-        return base if a.lora_quantize == "none" else quant.quantize_tree(base, a.lora_quantize, a.lora_group)
+        return base if a.quantize == "none" else quant.quantize_tree(base, a.quantize, a.quant_group)
 
     return jax.jit(init, out_shardings=jax.tree.unflatten(tree, leaves))

@@ -38,6 +38,8 @@ class ServeOptions:
     max_queue: int = 256
     names: tuple[str, ...] = ()
     chat_template: str = "auto"
+    quantize: str | None = None
+    group_size: int | None = None
 
 
 def check(o: ServeOptions) -> None:
@@ -56,7 +58,8 @@ def build(o: ServeOptions, say: Callable[[str], None] = lambda _: None):
     from jaxllama.serve.app import Service
 
     check(o)
-    loaded = load(o.model, o.tokenizer, o.mesh, o.dtype, rules=o.rules, lora=o.lora)
+    loaded = load(o.model, o.tokenizer, o.mesh, o.dtype, rules=o.rules, lora=o.lora, quantize=o.quantize,
+                  group_size=o.group_size)
     eng = loaded.engine
     context = eng.arch.max_position
     max_len = min(o.max_len or context, context)

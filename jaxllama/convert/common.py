@@ -209,7 +209,10 @@ class Source:
 
 
 def stacked_params(src: Source) -> dict:
-    """The canonical Flax tree (numpy), filled layer by layer into preallocated stacked arrays."""
+    """The canonical Flax tree (numpy), filled layer by layer into preallocated stacked arrays; a
+    source stored quantized (``src.quantized``) gives its quantized tree as stored."""
+    if getattr(src, "quantized", False):
+        return src.quantized_tree()
     m = src.model_cfg
     tree: dict = {"embed_tokens": {"embedding": src.get(EMBED)}}
     layers: dict = {}

@@ -4,12 +4,18 @@ Reading streams: each stored array is opened with TensorStore and read one layer
 (:func:`jaxllama.checkpoint.params.open_params`). Writing does not: Orbax saves a whole tree at
 once (copying it), so writing this format needs about twice the model in memory. Tokenizer files
 travel in a ``tokenizer/`` folder beside the Orbax items.
+
+A quantized checkpoint (``convert --to jaxllama --quantize``) stores ``kernel_q``/``kernel_scale``
+(and ``embedding_q``/``embedding_scale``) in :mod:`jaxllama.model.quant`'s layout instead of the
+float tensors: loading it for inference gives the quantized tree as stored; converting it to another
+format reads each tensor dequantized.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxllama.convert.common import Extras, Source, atomic_output, copy_tokenizer_files, stacked_params
@@ -35,8 +41,30 @@ class JaxllamaSource(Source):
             ex.bos_token_id, ex.eos_token_id = gen.get("bos_token_id"), gen.get("eos_token_id")
         self.extras = ex
 
+    @property
+    def quantized(self) -> bool:
+        return any(k.endswith("_q") for k in self.params)
+
+    def quantized_tree(self) -> dict:
+        """The stored tree as it is (quantized leaves and all), nested."""
+        tree: dict = {}
+        for key, arr in self.params.items():
+            *parents, leaf = key.split("/")
+            node = tree
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = np.asarray(arr)
+        return tree
+
     def _read(self, name: str, layer: int | None) -> np.ndarray:
         key = name if layer is None else f"layers/{name}"
+        if key not in self.params and f"{key}_q" in self.params:  # a quantized checkpoint, read as float
+            from jaxllama.model import quant
+
+            q, scale = (np.asarray(self.params[f"{key}{s}"] if layer is None else self.params[f"{key}{s}"][layer])
+                        for s in ("_q", "_scale"))
+            rows = quant.dequantize_rows if name.endswith("embedding") else quant.dequantize
+            return np.asarray(rows(q, scale, quant.mode_of(q)))
         if key not in self.params:
             raise ConfigError(f"{self.path}: parameter {key} not found")
         arr = self.params[key]
@@ -64,14 +92,21 @@ def _to_device(tree: dict) -> dict:
     return tree
 
 
-def write_jaxllama(src: Source, dst: str | Path) -> Path:
-    """A params-only jaxllama checkpoint (``save_params``) plus the source's tokenizer files."""
+def write_jaxllama(src: Source, dst: str | Path, quantize: str | None = None, group: int | None = None) -> Path:
+    """A params-only jaxllama checkpoint (``save_params``) plus the source's tokenizer files;
+    ``quantize`` int8/int4 stores the quantized tree (``group``: inputs per scale)."""
     import json
 
     from jaxllama.checkpoint import save_params
 
+    tree = stacked_params(src)
+    if quantize not in (None, "none"):
+        from jaxllama.model import quant
+
+        group = quant.DEFAULT_GROUP[quantize] if group is None else group
+        tree = jax.tree.map(np.asarray, quant.quantize_tree(tree, quantize, group, embedding=True))
     with atomic_output(dst, is_file=True) as out:
-        save_params(str(out), _to_device(stacked_params(src)), src.model_cfg)
+        save_params(str(out), _to_device(tree), src.model_cfg)
         ex = src.extras
         tok = out / TOKENIZER_DIR
         tok.mkdir()

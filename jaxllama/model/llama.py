@@ -176,11 +176,10 @@ class Linear(nn.Module):
         scales in :mod:`jaxllama.model.quant`'s output-major layout. Their values always come from
         quantizing float weights (``quant.quantize_tree``) or from a quantized file, never from init."""
         a, d_in, mode = self.a, x.shape[-1], self.a.quantize
-        q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[::-1]),
-                       quant.q_shape(mode, d_in, self.features), quant.QDTYPE[mode])
-        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axes[1], None)),
-                           quant.scale_shape(mode, a.quant_group, d_in, self.features), jnp.float32)
-        return checkpoint_name(quant.matmul(x, q, scale, mode, a.dtype), "dense")
+        q = quant.param(self, "kernel_q", self.axes[::-1], quant.q_shape(mode, d_in, self.features), quant.QDTYPE[mode])
+        scale = quant.param(self, "kernel_scale", (self.axes[1], None),
+                            quant.scale_shape(mode, a.quant_group, d_in, self.features), jnp.float32, ones=True)
+        return checkpoint_name(quant.matmul(x, q, scale, a.dtype), "dense")
 
     def _lora(self, x: jax.Array) -> jax.Array:
         """The adapter's ``alpha / rank * dropout(x) A B``: A [in, rank] is sharded like the kernel's input
@@ -323,12 +322,12 @@ class Embed(nn.Module):
     def setup(self):
         a = self.a
         if a.quantize != "none" and a.quant_embed:  # quantized inference: output-major, like a tied head
-            mode, axes = a.quantize, ("vocab", "embed")
-            self.embedding_q = self.param("embedding_q", nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                                          quant.q_shape(mode, a.dim, a.vocab_size), quant.QDTYPE[mode])
-            self.embedding_scale = self.param(
-                "embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab", None)),
-                quant.scale_shape(mode, a.quant_group, a.dim, a.vocab_size), jnp.float32)
+            mode = a.quantize
+            self.embedding_q = quant.param(self, "embedding_q", ("vocab", "embed"),
+                                           quant.q_shape(mode, a.dim, a.vocab_size), quant.QDTYPE[mode])
+            self.embedding_scale = quant.param(self, "embedding_scale", ("vocab", None),
+                                               quant.scale_shape(mode, a.quant_group, a.dim, a.vocab_size),
+                                               jnp.float32, ones=True)
             return
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         self.embedding = self.param("embedding", init, (a.vocab_size, a.dim), jnp.dtype(a.param_dtype))
@@ -339,14 +338,14 @@ class Embed(nn.Module):
 
     def __call__(self, tokens):
         if self.quantized:
-            return quant.embed_rows(self.embedding_q, self.embedding_scale, self.a.quantize, tokens, self.a.dtype)
+            return quant.embed_rows(self.embedding_q, self.embedding_scale, tokens, self.a.dtype)
         return jnp.take(self.embedding, tokens, axis=0).astype(self.a.dtype)
 
     def attend(self, x):
         """Logits of a tied head. (XLA:CPU fuses the transpose into the matmul's operand read; an explicit
         ``dot_general`` over the table's embed axis measured slower for batch-1 decoding.)"""
         if self.quantized:
-            return quant.matmul(x, self.embedding_q, self.embedding_scale, self.a.quantize, self.a.dtype).astype(F32)
+            return quant.matmul(x, self.embedding_q, self.embedding_scale, self.a.dtype).astype(F32)
         return jnp.dot(x.astype(self.a.dtype), self.embedding.T.astype(self.a.dtype), preferred_element_type=F32)
 
 
@@ -469,9 +468,11 @@ def head_kernel(params: dict, a: Arch) -> jax.Array:
     (quantized inference, e.g. ``jaxllama eval --quantize``) is dequantized."""
     node = params["embed_tokens"] if a.tie_embeddings else params["lm_head"]
     if "embedding_q" in node:
-        return quant.dequantize(node["embedding_q"], node["embedding_scale"], a.quantize, jnp.dtype(a.dtype))
+        q = node["embedding_q"]
+        return quant.dequantize(q, node["embedding_scale"], quant.mode_of(q), jnp.dtype(a.dtype))
     if "kernel_q" in node:
-        return quant.dequantize(node["kernel_q"], node["kernel_scale"], a.quantize, jnp.dtype(a.dtype))
+        q = node["kernel_q"]
+        return quant.dequantize(q, node["kernel_scale"], quant.mode_of(q), jnp.dtype(a.dtype))
     return node["embedding"].T if a.tie_embeddings else node["kernel"]
 
 

@@ -114,8 +114,14 @@ def dequantize(q: jax.Array, scale: jax.Array, mode: str, dtype: Any = jnp.float
     return jnp.swapaxes(dequantize_rows(q, scale, mode, dtype), -1, -2)
 
 
-def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str, dtype: Any) -> jax.Array:
-    """``x @ dequantize(q, scale)`` for ``x [..., in]``.
+def mode_of(q: jax.Array) -> str:
+    """A quantized array's mode, from its dtype (a GGUF file may mix them tensor by tensor)."""
+    return "int4" if q.dtype == jnp.uint8 else "int8"
+
+
+def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    """``x @ dequantize(q, scale)`` for ``x [..., in]``; the mode and group size are read off the
+    arrays (``q``'s dtype, ``scale``'s width).
 
     One scale per output (int8's default) is applied to the output of an integer-valued matmul, so
     only the convert of ``q`` feeds the matmul (GPU and TPU fuse it into the matmul's operand load);
@@ -125,6 +131,7 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str, dtype: Any) 
     """
     from jaxllama.model import cpu_kernels
 
+    mode = mode_of(q)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     if cpu_kernels.wanted(rows, dtype):
         return cpu_kernels.qmatmul(x, q, scale, mode)
@@ -135,9 +142,21 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str, dtype: Any) 
     return jax.lax.dot_general(x.astype(dtype), dequantize_rows(q, scale, mode, dtype), contract)
 
 
-def embed_rows(q: jax.Array, scale: jax.Array, mode: str, tokens: jax.Array, dtype: Any) -> jax.Array:
+def embed_rows(q: jax.Array, scale: jax.Array, tokens: jax.Array, dtype: Any) -> jax.Array:
     """Rows ``tokens`` of a quantized embedding table, dequantized: ``[..., dim]``."""
-    return dequantize_rows(jnp.take(q, tokens, axis=0), jnp.take(scale, tokens, axis=0), mode, dtype)
+    return dequantize_rows(jnp.take(q, tokens, axis=0), jnp.take(scale, tokens, axis=0), mode_of(q), dtype)
+
+
+def param(module: Any, name: str, axes: tuple, shape: tuple, dtype: Any, ones: bool = False) -> jax.Array:
+    """A quantized parameter of a Flax module: the stored one as it is when there is one (its mode and
+    group may differ from the arch's, tensor by tensor, as in a llama.cpp mixture), else declared with
+    the arch's shape and logical axes (initialization, abstract shapes, shardings)."""
+    import flax.linen as nn
+
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    init = nn.initializers.ones if ones else nn.initializers.zeros
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def quantize_tree(tree: dict, mode: str, group: int, embedding: bool = False) -> dict:

@@ -14,7 +14,7 @@ from jaxllama.errors import ConfigError
 
 FORMATS = ("hf", "meta", "gguf", "jaxllama")
 ADAPTER_FORMATS = ("peft",)  # --to peft: a LoRA adapter alone
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_0", "q4_k_m", "q4_k", "q4_1", "q4_0")  # --gguf-type
 
 
 def detect_format(path: str | Path) -> str:

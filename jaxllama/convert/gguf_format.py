@@ -5,9 +5,13 @@ llama.cpp's conventions: architecture ``llama``; tensors ``token_embd``, ``blk.N
 interleaved rotary layout (:func:`jaxllama.convert.common.permute_qk`); Llama 3.1 rope scaling as a
 ``rope_freqs`` tensor of per-frequency divisors (we also record the four llama3 constants under
 ``jaxllama.rope.*`` so a round trip is exact). Norms are always f32; 2-D weights take the chosen
-type (f32, f16, bf16, q8_0; q8_0 rows not a multiple of 32 fall back to f16, as llama.cpp does).
-Export writes the header first and then one tensor at a time; import memory-maps the file and
-dequantizes one tensor at a time (any type ``gguf.quants`` knows: Q8_0, Q4_0, Q4_1, K-quants...).
+type: f32, f16, bf16, or quantized q8_0, q4_0, q4_1, q5_0, q5_1 (``gguf.quants``' encoders), q6_k,
+q4_k (every matrix Q4_K) and q4_k_m (llama.cpp's Q4_K_M mixture of Q4_K and Q6_K), the K-quants by
+:mod:`jaxllama.convert.gguf_quants`. Per tensor the quantized kinds choose what llama.cpp's quantizer
+would (the output matrix Q6_K, ...) and fall back as it does where rows are not whole blocks
+(Q4_K -> Q5_0, Q6_K -> Q8_0, then f16). Export writes the header first and then one tensor at a
+time; import memory-maps the file and dequantizes one tensor at a time (any type ``gguf.quants``
+knows: Q8_0, Q4_0, Q4_1, K-quants...).
 """
 
 from __future__ import annotations
@@ -70,28 +74,82 @@ def _arch_args(m) -> dict:
 # ---- export ---------------------------------------------------------------------------------------------
 
 
+# --gguf-type -> (llama.cpp's file type, the GGML type of most 2-D tensors). Each quantized kind picks per
+# tensor what `llama-quantize F32.gguf OUT.gguf TYPE` picks (see _choose), except q4_k: every 2-D tensor
+# Q4_K (`llama-quantize --pure ... Q4_K_S`; llama.cpp's own Q4_K_S mixture needs Q5_K, which we do not make).
+_KINDS = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
+          "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q4_0": ("MOSTLY_Q4_0", "Q4_0"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
+          "q5_0": ("MOSTLY_Q5_0", "Q5_0"), "q5_1": ("MOSTLY_Q5_1", "Q5_1"), "q4_k": ("MOSTLY_Q4_K_S", "Q4_K"),
+          "q6_k": ("MOSTLY_Q6_K", "Q6_K"), "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K")}
+# llama.cpp's tensor_type_fallback for rows that are not whole blocks; a type of 32-blocks that still does
+# not fit becomes F16 (llama.cpp does the same after a fallback, but refuses Q8_0/Q4_0/... rows outright).
+_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
 def _ftype(gguf, kind: str):
-    T = gguf.LlamaFileType
-    return {"f32": T.ALL_F32, "f16": T.MOSTLY_F16, "bf16": T.MOSTLY_BF16, "q8_0": T.MOSTLY_Q8_0}[kind]
+    return gguf.LlamaFileType[_KINDS[kind][0]]
 
 
-def _qtype(gguf, shape: tuple[int, ...], kind: str):
-    """The GGML type of one tensor: norms f32; q8_0 needs rows of whole 32-blocks (else f16, like llama.cpp)."""
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _choose(gguf, kind: str, name: str, layer: int | None, m, row: int) -> str:
+    """llama.cpp's llama_tensor_get_type for the llama architecture without an importance matrix: the
+    output matrix (the token embedding too when tied, as the output then) Q6_K unless the file is Q8_0
+    (Q8_0 if its rows are not whole blocks of the file's type); for Q4_K_M also Q6_K for attn_v and
+    ffn_down in use_more_bits layers (llama.cpp counts attn_v tensors and ffn_down layers in layer
+    order, which is this layer index). An untied token embedding keeps the file's type, as in llama.cpp.
+    Not followed: llama.cpp raises a 70B model's (80 layers, GQA) Q4_K attn_v to Q5_K; ours stays Q4_K."""
+    base = _KINDS[kind][1]
+    if kind == "q4_k":
+        return base
+    if name == HEAD or (name == EMBED and m.tie_embeddings):
+        if base == "Q8_0":
+            return base
+        return "Q8_0" if row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]][0] else "Q6_K"
+    if kind == "q4_k_m" and name in ("self_attn/v_proj/kernel", "mlp/down_proj/kernel") and \
+            _more_bits(layer, m.n_layers):
+        return "Q6_K"
+    return base
+
+
+def _qtype(gguf, shape: tuple[int, ...], kind: str, name: str = "", layer: int | None = None, m=None):
+    """The GGML type of one tensor (GGUF shape, rows last): norms f32; f16/bf16 as asked; quantized kinds
+    per :func:`_choose`, and a type whose blocks do not tile the rows falls back as in llama.cpp
+    (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16; Q8_0, Q4_0 ... -> F16)."""
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1 or kind == "f32":
         return Q.F32
-    if kind == "q8_0":
-        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
-    return Q.BF16 if kind == "bf16" else Q.F16
+    if kind in ("f16", "bf16"):
+        return Q.BF16 if kind == "bf16" else Q.F16
+    t = _choose(gguf, kind, name, layer, m, shape[-1])
+    if shape[-1] % gguf.GGML_QUANT_SIZES[Q[t]][0]:
+        t = _FALLBACK.get(t, "F16")
+        if t != "F16" and shape[-1] % gguf.GGML_QUANT_SIZES[Q[t]][0]:
+            t = "F16"
+    return Q[t]
 
 
-def _encode(gguf, arr: np.ndarray, qtype) -> np.ndarray:
-    """The bytes (as an array) of one tensor in GGUF layout and type ``qtype``."""
+def _encode(gguf, arr: np.ndarray, qtype, where: str = "tensor") -> np.ndarray:
+    """The bytes (as an array) of one tensor in GGUF layout and type ``qtype``: K-quants by
+    :mod:`jaxllama.convert.gguf_quants`, the other quantized types by ``gguf.quants``."""
+    from jaxllama.convert.gguf_quants import quantize_q4_k, quantize_q6_k
+
     Q = gguf.GGMLQuantizationType
     arr32 = np.ascontiguousarray(arr, np.float32)
-    if qtype == Q.Q8_0:
-        return gguf.quants.quantize(arr32, Q.Q8_0)
-    return arr32.astype({Q.F32: np.float32, Q.F16: np.float16, Q.BF16: BF16}[qtype])
+    if qtype == Q.Q4_K:
+        return quantize_q4_k(arr32, where)
+    if qtype == Q.Q6_K:
+        return quantize_q6_k(arr32, where)
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return arr32.astype({Q.F32: np.float32, Q.F16: np.float16, Q.BF16: BF16}[qtype])
+    try:
+        return gguf.quants.quantize(arr32, qtype)
+    except NotImplementedError:
+        raise ConfigError(f"{where}: the installed gguf package ({getattr(gguf, '__version__', '?')}) cannot "
+                          f"quantize to {qtype.name}; upgrade it (pip install -U gguf)") from None
 
 
 def _gguf_layout(src: Source, name: str, layer: int | None) -> np.ndarray:
@@ -108,7 +166,8 @@ def _nbytes(gguf, shape: tuple[int, ...], qtype) -> int:
 
 
 def write_gguf(src: Source, dst: str | Path, kind: str | None = None) -> Path:
-    """Write ``src`` as a llama.cpp GGUF file; ``kind`` f32/f16/bf16/q8_0 (default: from the source dtype)."""
+    """Write ``src`` as a llama.cpp GGUF file; ``kind`` one of ``_KINDS`` (f32, f16, bf16, q8_0, q4_0 ...
+    q4_k_m; default: f32/f16/bf16 from the source dtype)."""
     gguf = _gguf()
     m = src.model_cfg
     if kind is None:
@@ -117,7 +176,7 @@ def write_gguf(src: Source, dst: str | Path, kind: str | None = None) -> Path:
     w = gguf.GGUFWriter(None, "llama")
     w.add_name(Path(str(src.path)).name)
     w.add_file_type(_ftype(gguf, kind))
-    if kind == "q8_0":
+    if kind not in ("f32", "f16", "bf16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(m.max_position)
     w.add_embedding_length(m.dim)
@@ -146,7 +205,7 @@ def write_gguf(src: Source, dst: str | Path, kind: str | None = None) -> Path:
     for name, layer in src.names():
         shape = expected_shape(m, name)
         shape = shape[::-1] if name.endswith("/kernel") else shape
-        qtype = _qtype(gguf, shape, kind)
+        qtype = _qtype(gguf, shape, kind, name, layer, m)
         plan.append((name, layer, shape, qtype))
         w.add_tensor_info(gguf_name(name, layer), shape, np.dtype(np.float32), _nbytes(gguf, shape, qtype), qtype)
     if m.rope_type == "llama3":
@@ -158,7 +217,7 @@ def write_gguf(src: Source, dst: str | Path, kind: str | None = None) -> Path:
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for name, layer, shape, qtype in plan:
-                w.write_tensor_data(_encode(gguf, _gguf_layout(src, name, layer), qtype))
+                w.write_tensor_data(_encode(gguf, _gguf_layout(src, name, layer), qtype, src.where(name, layer)))
             if m.rope_type == "llama3":
                 w.write_tensor_data(rope_divisors(m))
         finally:

@@ -155,6 +155,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--gguf-type", metavar="TYPE",  # checked by convert() against api.GGUF_TYPES (imports jax)
                    help="GGUF tensor type: f32 f16 bf16 q8_0 q6_k q5_1 q5_0 q4_k_m q4_k q4_1 q4_0 (default: from "
                         "--dtype or the source; norms stay f32; quantized types choose per tensor as llama.cpp does)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"),
+                   help="--to jaxllama: store weight-only quantized projections, embedding and LM head")
+    p.add_argument("--group-size", type=int, help="with --quantize: inputs per scale (default int8 0 = per "
+                                                  "output channel, int4 128)")
     p.add_argument("--shard-size", default="5GB", help="Hugging Face: max bytes per safetensors file (default 5GB)")
     p.add_argument("--shards", type=int, default=1, help="Meta: number of model-parallel shards (default 1)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -167,8 +171,8 @@ def cmd_convert(args) -> int:
 
     out = convert(args.src, args.dst, args.to, dtype=args.dtype, gguf_type=args.gguf_type,
                   shard_size=parse_size(args.shard_size, "--shard-size"), meta_shards=args.shards,
-                  merge_lora=args.merge_lora, base=args.base)
-    print(f"wrote {out} ({args.to})")
+                  merge_lora=args.merge_lora, base=args.base, quantize=args.quantize, group_size=args.group_size)
+    print(f"wrote {out} ({args.to}{'' if args.quantize in (None, 'none') else ', ' + args.quantize})")
     return 0
 
 

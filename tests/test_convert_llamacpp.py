@@ -6,6 +6,7 @@ greedy continuation against jaxllama's forward on the same weights, and its own 
 """
 
 import ctypes
+import dataclasses
 
 import jax
 import llama_cpp
@@ -136,6 +137,59 @@ def test_import_of_llama_cpp_quantized_files(f32_gguf, qtype):
     for k in a:  # relative RMS error per tensor; a wrong layout or transposition would be ~1.4
         err = np.sqrt(np.mean((a[k] - b[k]) ** 2)) / np.sqrt(np.mean(a[k] ** 2))
         assert err < tol, (qtype, k, err)
+
+
+# llama.cpp type -> how it loads for inference: (our dtype, inputs per scale); None: re-quantized int8/32
+AS_QUANTIZED = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 32), "Q6_K": (np.int8, 16), "Q4_1": None, "Q4_K": None,
+                "Q5_K": None}
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+def test_quantized_gguf_loads_as_quantized(f32_gguf, qtype):
+    """A llama.cpp-quantized file loads for inference as our quantized tree, not f32: Q8_0, Q4_0 and
+    Q6_K block for block (dequantized, exactly the ``gguf`` package's dequantization of the file), the
+    rest re-quantized to int8; the quantized model's logits equal those of the dequantized weights."""
+    import gguf
+
+    from jaxllama.model import quant
+    from jaxllama.model.llama import model_params
+
+    d, params, m = f32_gguf
+    path = d / f"{qtype}.gguf"
+    if not path.exists():
+        qparams = llama_cpp.llama_model_quantize_default_params()
+        qparams.ftype, qparams.nthread = QUANTS[qtype][0], 2
+        assert llama_cpp.llama_model_quantize(str(d / "f32.gguf").encode(), str(path).encode(),
+                                              ctypes.byref(qparams)) == 0
+    dense = load_model(str(path)).params  # the gguf package's dequantization, as before
+    tree = load_model(str(path), keep_quantized=True).params
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    node = tree["layers"]["mlp"]["gate_proj"]
+    assert "kernel" not in node and quant.detect(tree) is not None
+    want = AS_QUANTIZED[types["blk.0.ffn_gate.weight"]]
+    if want is not None:
+        assert node["kernel_q"].dtype == want[0] and node["kernel_scale"].shape[-1] == 256 // want[1]
+    for layer_name in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "mlp/down_proj"):
+        *parents, leaf = layer_name.split("/")
+        n = tree["layers"][parents[0]][leaf]
+        got = np.asarray(quant.dequantize(n["kernel_q"], n["kernel_scale"], quant.mode_of(n["kernel_q"])))
+        ref = dense["layers"][parents[0]][leaf]["kernel"]
+        exact = AS_QUANTIZED[types[f"blk.0.{_GGUF_NAMES[layer_name]}.weight"]] is not None
+        if exact:
+            np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-7, err_msg=layer_name)
+        else:  # int8 over the file's values: within half an int8 step of them
+            assert np.abs(got - ref).max() <= np.abs(ref).max() / 127, layer_name
+    a = Arch.from_config(m)
+    qa = dataclasses.replace(a, quantize=quant.detect(tree)[0], quant_group=32, quant_embed=True)
+    tokens = np.array([[1, 5, 9, 33, 2, 7, 100, 3]])
+    ours = np.asarray(Llama(qa).apply({"params": tree}, tokens))
+    ref = np.asarray(Llama(a).apply({"params": dense}, tokens))
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert rel < (2e-2 if want is None else 1e-5), rel  # re-quantized: int8's error on top of the file's
+
+
+_GGUF_NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
+               "mlp/down_proj": "ffn_down"}
 
 
 def test_meta_llama3_tiktoken_tokenizer_goes_into_gguf_and_hf(tmp_path, tiktoken_path):

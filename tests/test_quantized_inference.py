@@ -100,7 +100,7 @@ def test_convert_stores_quantized_and_loads_without_requantizing(trained_tiny, t
     dst = tmp_path / "q4"
     assert main(["convert", str(trained_tiny), str(dst), "--to", "jaxllama", "--quantize", "int4",
                  "--group-size", "64"]) == 0
-    stored = load_model(str(dst)).params
+    stored = load_model(str(dst), keep_quantized=True).params
     node = stored["layers"]["self_attn"]["q_proj"]
     assert node["kernel_q"].dtype == np.uint8 and node["kernel_scale"].shape[-1] == 256 // 64
     assert "embedding_q" in stored["embed_tokens"] and quant.detect(stored) == ("int4", 64)

@@ -116,9 +116,10 @@ class LoadedModel:
     format: str = ""
 
 
-def load_model(path: str, dtype: Any = None, lora: str | None = None) -> LoadedModel:
+def load_model(path: str, dtype: Any = None, lora: str | None = None, keep_quantized: bool = False) -> LoadedModel:
     """Read any supported checkpoint into the canonical tree; ``dtype`` (e.g. ``"bfloat16"``) casts on read.
-    ``lora``: a LoRA adapter folded into ``path``'s weights (``eval --lora``)."""
+    ``lora``: a LoRA adapter folded into ``path``'s weights (``eval --lora``). ``keep_quantized``
+    (inference): a quantized checkpoint or GGUF gives its quantized tree, not float weights."""
     if dtype is not None and not isinstance(dtype, str):
         dtype = np.dtype(dtype).name  # np.float32, jnp.bfloat16 ... -> "float32", "bfloat16"
     if lora is not None:
@@ -127,7 +128,7 @@ def load_model(path: str, dtype: Any = None, lora: str | None = None) -> LoadedM
         src = open_merged(lora, path, parse_dtype(dtype))
     else:
         src = open_source(path, dtype)
-    params = stacked_params(src)
+    params = stacked_params(src, keep_quantized and lora is None)
     ex = src.extras
     tok = ex.tokenizer_dir
     if tok is not None and ex.cleanup:  # a temporary folder (GGUF): keep it for the process's lifetime
@@ -141,13 +142,15 @@ def load_model(path: str, dtype: Any = None, lora: str | None = None) -> LoadedM
 
 def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, gguf_type: str | None = None,
             shard_size: int = 5 * 2**30, meta_shards: int = 1, merge_lora: bool = False,
-            base: str | None = None) -> Path:
+            base: str | None = None, quantize: str | None = None, group_size: int | None = None) -> Path:
     """Convert ``src_path`` (format detected) to ``to`` at ``dst_path``; returns the written path.
 
     ``dtype`` casts the weights (default: keep the source's); ``gguf_type`` picks the GGUF tensor type
     (default: f32/f16/bf16 from ``dtype`` or the source dtype). Output is written under a temporary name
     and renamed at the end. A LoRA adapter (a LoRA run, a PEFT folder) goes ``--to peft``, or with
     ``merge_lora`` folded into its base (``base``, default the one it records) to any model format.
+    ``quantize`` int8/int4 (``--to jaxllama``): store weight-only quantized parameters (what
+    ``generate --quantize`` runs), so loading does not quantize again.
     """
     from jaxllama.convert import adapters
 
@@ -157,6 +160,13 @@ def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, ggu
         raise ConfigError("--gguf-type applies only to --to gguf")
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf-type: {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if (quantize not in (None, "none") or group_size is not None) and to != "jaxllama":
+        raise ConfigError("--quantize/--group-size apply only to --to jaxllama (for GGUF, use --gguf-type)")
+    if quantize not in (None, "none"):
+        from jaxllama.infer.placement import quantized_arch
+        from jaxllama.model.llama import Arch
+
+        quantized_arch(Arch.from_config(checkpoint_model_config(src_path)), quantize, group_size)  # one-line errors
     if shard_size <= 0:
         raise ConfigError(f"--shard-size: must be positive, got {shard_size}")
     if Path(dst_path).exists():
@@ -176,10 +186,11 @@ def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, ggu
     if base is not None and not merge_lora:
         raise ConfigError("--base applies only to --merge-lora")
     src = adapters.open_merged(src_path, base, parse_dtype(dtype)) if lora else open_source(src_path, dtype)
-    return _write(src, dst_path, to, gguf_type, shard_size, meta_shards)
+    return _write(src, dst_path, to, gguf_type, shard_size, meta_shards, quantize, group_size)
 
 
-def _write(src: Source, dst_path: str, to: str, gguf_type: str | None, shard_size: int, meta_shards: int) -> Path:
+def _write(src: Source, dst_path: str, to: str, gguf_type: str | None, shard_size: int, meta_shards: int,
+           quantize: str | None = None, group_size: int | None = None) -> Path:
     with src:
         if to == "hf":
             from jaxllama.convert.hf import write_hf
@@ -195,4 +206,4 @@ def _write(src: Source, dst_path: str, to: str, gguf_type: str | None, shard_siz
             return write_gguf(src, dst_path, gguf_type)
         from jaxllama.convert.jaxllama_format import write_jaxllama
 
-        return write_jaxllama(src, dst_path)
+        return write_jaxllama(src, dst_path, quantize, group_size)

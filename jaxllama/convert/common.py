@@ -208,10 +208,11 @@ class Source:
         self.close()
 
 
-def stacked_params(src: Source) -> dict:
-    """The canonical Flax tree (numpy), filled layer by layer into preallocated stacked arrays; a
-    source stored quantized (``src.quantized``) gives its quantized tree as stored."""
-    if getattr(src, "quantized", False):
+def stacked_params(src: Source, keep_quantized: bool = False) -> dict:
+    """The canonical Flax tree (numpy), filled layer by layer into preallocated stacked arrays (quantized
+    weights dequantized); ``keep_quantized``: a source stored quantized (a quantized jaxllama dir or
+    GGUF: ``src.quantized``) gives its quantized tree (:mod:`jaxllama.model.quant`) instead."""
+    if keep_quantized and getattr(src, "quantized", False):
         return src.quantized_tree()
     m = src.model_cfg
     tree: dict = {"embed_tokens": {"embedding": src.get(EMBED)}}

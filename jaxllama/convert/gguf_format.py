@@ -409,6 +409,37 @@ class GGUFSource(Source):
     def where(self, name: str, layer: int | None) -> str:
         return f"{self.path}: {gguf_name(name, layer)}"
 
+    @property
+    def quantized(self) -> bool:
+        from jaxllama.convert.gguf_quantized import is_quantized
+
+        return is_quantized([t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2])
+
+    def quantized_tree(self) -> dict:
+        """The weights as jaxllama's quantized tree (:mod:`jaxllama.convert.gguf_quantized`): Q8_0, Q4_0,
+        Q5_0 and Q6_K blocks carry over as they are; other types are re-quantized to int8."""
+        from jaxllama.convert import gguf_quantized as gq
+
+        gguf, m = _gguf(), self.model_cfg
+
+        def read(name: str, layer: int | None):
+            if not (name.endswith("/kernel") or name == EMBED):
+                return self.get(name, layer)
+            t = self.tensors[gguf_name(name, layer)]
+            d_in, out = int(t.shape[0]), int(t.shape[-1])
+            if t.tensor_type.name in gq.FLOAT:
+                w = self.get(name, layer)
+                return gq.float_rows(w if name == EMBED else w.T)
+            raw = np.fromfile(self.path, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset).reshape(out, -1)
+            q, s = gq.rows_of(raw, t.tensor_type.name, d_in, lambda r: gguf.quants.dequantize(r, t.tensor_type))
+            if name in ("self_attn/q_proj/kernel", "self_attn/k_proj/kernel"):
+                heads = m.n_heads if "q_proj" in name else m.n_kv_heads
+                perm = permute_qk(np.arange(out, dtype=np.float32)[None], heads, to_interleaved=False)[0]
+                q, s = q[perm.astype(np.int64)], s[perm.astype(np.int64)]
+            return q, s
+
+        return gq.tree_of(read, list(canonical_names(m)), m.n_layers)
+
     def _read(self, name: str, layer: int | None) -> np.ndarray:
         gguf = _gguf()
         key = gguf_name(name, layer)

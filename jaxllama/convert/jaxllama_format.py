@@ -7,8 +7,8 @@ travel in a ``tokenizer/`` folder beside the Orbax items.
 
 A quantized checkpoint (``convert --to jaxllama --quantize``) stores ``kernel_q``/``kernel_scale``
 (and ``embedding_q``/``embedding_scale``) in :mod:`jaxllama.model.quant`'s layout instead of the
-float tensors: loading it for inference gives the quantized tree as stored; converting it to another
-format reads each tensor dequantized.
+float tensors: loading it for inference gives the quantized tree as stored; converting it (to any
+format, this one included, unless ``--quantize`` again) reads each tensor dequantized.
 """
 
 from __future__ import annotations

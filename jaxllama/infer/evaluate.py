@@ -48,7 +48,7 @@ def evaluate(model: str, data: str, tokenizer: str | None = None, mesh: str | No
 
     if max_batches < 0:
         raise ConfigError(f"--max-batches: must be >= 0 (0 = the whole eval pass), got {max_batches}")
-    loaded = load_model(model, lora=lora)
+    loaded = load_model(model, lora=lora, keep_quantized=True)
     seq_len = seq_len or min(512, loaded.model_cfg.max_position)
     cfg = eval_config(loaded.model_cfg, data, tokenizer or loaded.tokenizer_path, seq_len, batch, overrides)
     arch = inference_arch(Arch.from_config(cfg.model), dtype)

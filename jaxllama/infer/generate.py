@@ -49,7 +49,10 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     from jaxllama.model.lora import merge
 
     adapter = adapters.read_adapter(lora or model) if lora or adapters.is_adapter(model) else None
-    loaded = load_model(model) if lora or adapter is None else adapters.load_base(adapter)
+    if lora or adapter is None:
+        loaded = load_model(model, keep_quantized=adapter is None)  # an adapter merges into float weights
+    else:
+        loaded = adapters.load_base(adapter)
     lora_cfg = None
     if adapter is not None:
         adapter.check_fits(loaded.model_cfg, model)

@@ -1,8 +1,8 @@
 """Quantized GGUF export (``--gguf-type q8_0 q6_k q5_1 q5_0 q4_k_m q4_k q4_1 q4_0``) against llama.cpp.
 
 The reference is llama.cpp's own quantizer (llama-cpp-python's ``llama_model_quantize``) run on our
-f32 export of the same model: our Q4_K/Q6_K blocks against its blocks (bit-identical for most; RMS
-error the same), our per-tensor type choice against its choice, and llama.cpp's logits on our files
+f32 export of the same model: our Q4_K/Q6_K blocks against its blocks (bit-identical, all of them
+here), our per-tensor type choice against its choice, and llama.cpp's logits on our files
 against its logits on its own files. The model is the trained fixture (``trained_model.py``): a
 random model's logits barely depend on which weights are slightly off.
 
@@ -193,15 +193,16 @@ def test_k_quant_blocks_match_llama_cpps_quantizer(exports, tmp_path, qtype):
             assert np.isfinite(back).all()
             err_ours += float(((back - x) ** 2).sum())
             err_theirs += float(((gguf.quants.dequantize(theirs, Q[qtype]).reshape(x.shape) - x) ** 2).sum())
-            if edge and t.name == "blk.0.ffn_up.weight":  # the special rows: exactly llama.cpp's bytes, except
-                # Q4_K's 1e-20 row, whose float32 products are subnormal (~1e-40), where llama.cpp's arithmetic
-                # and numpy's part: its 6-bit sub-block scales differ, but d = dmin = 0 and it decodes to 0 either way
-                rows = [0, 1, 2, 3, 5, 6] if qtype == "Q4_K" else list(range(7))
+            if edge and t.name == "blk.0.ffn_up.weight":  # the special rows: exactly llama.cpp's bytes; the
+                # 1e-20 row (4) only decodes to 0: its float32 products are subnormal (~1e-40), so a llama.cpp
+                # built to flush those to zero would pick other (unused: d = dmin = 0) sub-block scales
+                rows = [0, 1, 2, 3, 5, 6]
                 np.testing.assert_array_equal(ours.reshape(x.shape[0], -1)[rows], theirs.reshape(x.shape[0], -1)[rows])
                 assert (back[0] == 0).all() and (back[4] == 0).all()
         assert total > 100
-        assert same / total > 0.9, (qtype, src.name, same, total)  # measured: 97% (trained), 96-98% (random)
-        assert abs(np.sqrt(err_ours / err_theirs) - 1) < 0.01, (qtype, src.name, err_ours, err_theirs)
+        # measured: every block identical; 1% left for a llama.cpp build whose float rounding differs (FMA)
+        assert same / total >= 0.99, (qtype, src.name, same, total)
+        assert abs(np.sqrt(err_ours / err_theirs) - 1) < 1e-3, (qtype, src.name, err_ours, err_theirs)
 
 
 def test_rows_that_are_not_whole_blocks_fall_back_as_in_llama_cpp(tmp_path):

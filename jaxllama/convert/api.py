@@ -163,10 +163,10 @@ def convert(src_path: str, dst_path: str, to: str, dtype: str | None = None, ggu
     if (quantize not in (None, "none") or group_size is not None) and to != "jaxllama":
         raise ConfigError("--quantize/--group-size apply only to --to jaxllama (for GGUF, use --gguf-type)")
     if quantize not in (None, "none"):
-        from jaxllama.infer.placement import quantized_arch
         from jaxllama.model.llama import Arch
+        from jaxllama.model.quant import resolve_group
 
-        quantized_arch(Arch.from_config(checkpoint_model_config(src_path)), quantize, group_size)  # one-line errors
+        resolve_group(Arch.from_config(checkpoint_model_config(src_path)), quantize, group_size)  # one-line errors
     if shard_size <= 0:
         raise ConfigError(f"--shard-size: must be positive, got {shard_size}")
     if Path(dst_path).exists():

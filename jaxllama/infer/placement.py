@@ -92,21 +92,16 @@ def place_params(params: Any, a: Arch, layout: Layout, shardings: Any = None) ->
     shardings = shardings or param_shardings(a, layout)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError("parameters do not match the model's tree (a checkpoint of another architecture?)")
-    return place(params, shardings, dtype)
+    return place(params, shardings, dtype, keep=quant.STORED_AS_IS)
 
 
 def quantized_arch(a: Arch, mode: str, group: int | None = None) -> Arch:
     """``a`` with weight-only quantized block projections, embedding and LM head (``--quantize``,
     ``--group-size``: default per output channel for int8, 128 for int4); one-line errors for a mode
     or group size the model's shapes cannot take."""
-    quant.check_mode(mode, "--quantize")
+    group = quant.resolve_group(a, mode, group)
     if mode == "none":
         return a
-    group = quant.DEFAULT_GROUP[mode] if group is None else group
-    if group == 0 and mode == "int4":
-        raise ConfigError("--group-size 0 (one scale per output) is int8's; int4 needs groups (e.g. 32, 64, 128)")
-    for d_in in sorted({a.dim, a.n_heads * a.head_dim, a.ffn_dim}):
-        quant.check_group(d_in, group, "--group-size", mode)
     return dataclasses.replace(a, quantize=mode, quant_group=group, quant_embed=True)
 
 

@@ -68,6 +68,22 @@ def check_mode(mode: str, where: str) -> None:
         raise ConfigError(f"{where}: {mode!r} is not one of {', '.join(MODES)}")
 
 
+def resolve_group(a: Any, mode: str, group: int | None) -> int:
+    """The group size ``--quantize mode --group-size group`` means for the model ``a`` (an Arch), with a
+    one-line error for a mode or group its shapes cannot take."""
+    from jaxllama.errors import ConfigError
+
+    check_mode(mode, "--quantize")
+    if mode == "none":
+        return 0
+    group = DEFAULT_GROUP[mode] if group is None else group
+    if group == 0 and mode == "int4":
+        raise ConfigError("--group-size 0 (one scale per output) is int8's; int4 needs groups (e.g. 32, 64, 128)")
+    for d_in in sorted({a.dim, a.n_heads * a.head_dim, a.ffn_dim}):
+        check_group(d_in, group, "--group-size", mode)
+    return group
+
+
 def quantize_rows(w: jax.Array, mode: str, group: int) -> tuple[jax.Array, jax.Array]:
     """(q, scale) of an output-major float matrix ``[..., out, in]``."""
     w = jnp.asarray(w, jnp.float32)

@@ -134,15 +134,13 @@ def check_divisible(layout: Layout, arrays: Iterable[tuple[str, tuple[int, ...],
                                  name, size, axes, n)
 
 
-def place(tree: Any, shardings: Any, dtype: Any) -> Any:
+def place(tree: Any, shardings: Any, dtype: Any, keep: tuple[str, ...] = ()) -> Any:
     """Arrays (host or device) -> their shards, cast to ``dtype``, one leaf at a time. Host arrays go
     through ``make_array_from_callback``: each process copies only the slices its own devices hold,
-    so no device ever holds a full copy, and a mesh may span several processes. Quantized values and
-    their scales (:data:`jaxllama.model.quant.STORED_AS_IS`) keep their own dtypes."""
-    from jaxllama.model.quant import STORED_AS_IS
-
+    so no device ever holds a full copy, and a mesh may span several processes. Leaves named in
+    ``keep`` (quantized values and their scales) keep their own dtypes."""
     def put(path, x, sharding):
-        dt = x.dtype if getattr(path[-1], "key", None) in STORED_AS_IS else dtype
+        dt = x.dtype if getattr(path[-1], "key", None) in keep else dtype
         if isinstance(x, jax.Array):
             return jax.device_put(x.astype(dt), sharding)
         host = np.asarray(x)

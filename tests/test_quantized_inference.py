@@ -19,7 +19,7 @@ from jaxllama.model import quant
 from jaxllama.model.llama import Arch, Llama, model_params
 
 PROMPT = "def main():\n    "
-EVAL = ["--data", "stdlib", "--seq-len", "64", "--batch", "8", "--max-batches", "4"]
+EVAL = ["--data", "stdlib", "--seq-len", "64", "--batch", "8", "--max-batches", "3"]
 
 
 def run_json(capsys, *argv):
@@ -114,6 +114,15 @@ def test_convert_stores_quantized_and_loads_without_requantizing(trained_tiny, t
     hf = {}
     for f in (tmp_path / "hf").glob("*.safetensors"):
         hf.update(load_file(f))
+    from serve_helpers import running_server
+
+    with running_server(dst, "--slots", "2", "--max-len", "64", "--chunk", "16") as url:  # served as stored
+        import httpx
+
+        r = httpx.post(f"{url}/v1/completions", json={"model": str(dst), "prompt": PROMPT, "max_tokens": 10,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == live["text"]
     up = stored["layers"]["mlp"]["up_proj"]
     want = np.asarray(quant.dequantize(up["kernel_q"][0], up["kernel_scale"][0], "int4"))
     np.testing.assert_allclose(hf["model.layers.0.mlp.up_proj.weight"].T, want, rtol=1e-6, atol=1e-7)

@@ -1,7 +1,9 @@
 """Prefill and decode tokens/s of jaxllama's engine vs Hugging Face ``generate`` and llama.cpp, same weights, same run.
 
     python benchmarks/decode_throughput.py                       # tiny preset, random weights, CPU
-    python benchmarks/decode_throughput.py --shape 135m --new-tokens 64 --repeats 3 --hf-threads 2
+    python benchmarks/decode_throughput.py --shape 135m --batches 1,16 --new-tokens 64 --repeats 3 \
+        --hf-threads 1,2 --llamacpp-threads 1,2 --quantize none,int8,int4 --group-size int4:32   # ~7 min, 2 cores
+    python benchmarks/decode_throughput.py --shape 135m --batches 1 --hf none --llamacpp none --cli 1,129,257
     python benchmarks/decode_throughput.py --preset llama3.2-1b --dtype bfloat16 --hf none   # GPU
 
 Prints one JSON line (stdout) and a readable table (stderr). Every engine is timed the same way,
@@ -9,7 +11,9 @@ after a warm-up (compilation) run: ``generate(max_new_tokens=1)`` is the prefill
 and decode tokens/s is ``batch * (N - 1) / (t(N) - t(1))``: the extra time the N-1 further tokens
 took (medians of alternated runs). Greedy, no stop tokens, every row generates exactly N tokens.
 ``--rounds R`` repeats the whole sequence of engines R times (ours, llama.cpp, transformers, ours,
-...) so that machine noise hits all of them alike; each figure is then the median over rounds.
+...) so that machine noise hits all of them alike; each figure is then the best over rounds (the
+least disturbed; on a shared 2-core machine a neighbour's job can slow one engine 4x for a while, and
+llama.cpp's spinning thread pool suffers most), the per-round decode figures kept in the JSON.
 
 Peers, on the same weights: transformers (``--hf torch``; the better of ``--hf-threads`` torch
 thread counts) and llama.cpp through llama-cpp-python's low-level API (``--llamacpp``, CPU only):
@@ -23,7 +27,8 @@ only (``--quant-batches``), as do ours with ``--quantize int8,int4``
 The bandwidth bound: batch-1 decode reads every weight once per token, so ``decode tok/s x weight
 bytes / bandwidth`` is the fraction of the bound reached (at batch B the weights are read once per
 step, i.e. weight bytes / B per token). On an accelerator the bandwidth is the HBM peak; on CPU it is
-measured in the same run: a ``--threads``-thread ``torch.sum`` over a 1 GiB float32 tensor, best of 7.
+measured in the same run: a ``--threads``-thread ``torch.sum`` over a 1 GiB float32 tensor, best of 7,
+before and after the timings (the better kept; both in the JSON).
 Weight bytes: all parameters (a tied embedding once) at their stored size; for llama.cpp the GGUF's
 tensor bytes; for ours quantized, the quantized tree's bytes (scales included). KV-cache reads are
 not counted.
@@ -221,7 +226,13 @@ class LlamaCpp:
         if not self.model:
             raise SystemExit(f"llama.cpp could not load {path}")
         self.n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(self.model))
-        self.threads, self.max_len, self.ctxs = threads, max_len, {}
+        self.threads = self.default_threads = threads
+        self.max_len, self.ctxs = max_len, {}
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+        for ctx, _, _ in self.ctxs.values():
+            self.low.llama_set_n_threads(ctx, n, n)
 
     def context(self, batch: int, prompt_len: int):
         if batch not in self.ctxs:
@@ -288,11 +299,18 @@ class LlamaCpp:
         self.low.llama_model_free(self.model)
 
 
-def time_llamacpp(lc: LlamaCpp, prompts, new: int, repeats: int, warm: bool = True) -> tuple[float, float]:
+def time_llamacpp(lc: LlamaCpp, prompts, new: int, repeats: int, warm: bool = True,
+                  threads: list[int] | None = None) -> list[tuple[float, float]]:
+    """(t1, tN) per thread count in ``threads`` (default: the model's)."""
     p = np.asarray(prompts, np.int32)
     if warm:
         lc.generate(p, 1), lc.generate(p, new)
-    return _paired(lambda: lc.generate(p, 1), lambda: lc.generate(p, new), repeats)
+    out = []
+    for n in threads or [lc.threads]:
+        lc.set_threads(n)
+        out.append(_paired(lambda: lc.generate(p, 1), lambda: lc.generate(p, new), repeats))
+    lc.set_threads(lc.default_threads)
+    return out
 
 
 def gguf_bytes(path: Path) -> int:
@@ -371,12 +389,13 @@ def time_cli(model_dir: Path, lengths: list[int], repeats: int, words: list[str]
 
 
 def table(rows: list[dict]) -> str:
-    head = ["engine", "weights", "batch", "prefill tok/s", "decode tok/s", "weight MiB", "bw fraction"]
-    lines = [head] + [[r["engine"], r["weights"], str(r["batch"]), _fmt(r.get("prefill_tok_s")),
+    head = ["engine", "weights", "threads", "batch", "prefill tok/s", "decode tok/s", "weight MiB", "bw fraction"]
+    lines = [head] + [[r["engine"], r["weights"], str(r.get("threads") or "-"), str(r["batch"]),
+                       _fmt(r.get("prefill_tok_s")),
                        _fmt(r.get("decode_tok_s")), f"{r['weight_bytes'] / 2**20:,.1f}",
                        "-" if r.get("bw_fraction") is None else f"{r['bw_fraction']:.3f}"] for r in rows]
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
+    return "\n".join("  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
                      for x in lines)
 
 
@@ -394,7 +413,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1, help="repeat the engine sequence; figures are medians over rounds")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the engine sequence; figures are the best over rounds")
     ap.add_argument("--mesh", default=None, help="e.g. tensor=4 (default: one device)")
     ap.add_argument("--hf", default="torch", choices=("torch", "none"), help="time transformers too (CPU)")
     ap.add_argument("--hf-threads", default="1,all", help="torch thread counts to try; the best is kept (default 1,all)")
@@ -403,6 +422,10 @@ def main() -> None:
                          "and the device is a CPU)")
     ap.add_argument("--quant-batches", default="1", help="batches for quantized weights, ours and llama.cpp (default 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp and bandwidth threads")
+    ap.add_argument("--llamacpp-threads", default=None,
+                    help="llama.cpp thread counts to try, e.g. 1,2; the best is kept per figure (default: --threads; "
+                         "with a neighbour busy on one of 2 cores, llama.cpp's 2 spinning threads run 6-9x slower "
+                         "than 1)")
     ap.add_argument("--extra-bufts", default="auto", choices=("auto", "on", "off"),
                     help="llama.cpp's repacked CPU weight buffers (auto: off on AMX CPUs, where that path crashes)")
     ap.add_argument("--quantize", default="none", help="ours with these weight types too: none,int8,int4")
@@ -481,7 +504,7 @@ def main() -> None:
         qe, qbytes = quantized_engine(params, a, layout, q, groups.get(q))
         engines.append(("jaxllama", q, qbatches, qbytes, lambda p, new, rep, warm, e=qe: time_jax(e, p, new, rep, warm)))
         quant_groups[q] = qe.arch.quant_group
-    lcs = []
+    lcs, lc_threads = [], []
     extra = {"auto": not has_amx(), "on": True, "off": False}[args.extra_bufts]
     if lc_kinds:
         from jaxllama.convert.common import Extras, ParamsSource
@@ -493,6 +516,7 @@ def main() -> None:
         f32.unlink(missing_ok=True)  # the weights are made afresh each run
         write_gguf(src, f32, "f32")
         max_len = args.prompt_len + args.new_tokens + 8
+        lc_threads = sorted({int(t) for t in (args.llamacpp_threads or str(args.threads)).split(",")})
         for k in lc_kinds:
             path = f32 if k == "f32" else quantize_gguf(f32, work / f"model-{k}.gguf", k, args.threads)
             lc = LlamaCpp(path, args.threads, extra, max_len)
@@ -500,7 +524,7 @@ def main() -> None:
                 raise SystemExit(f"llama.cpp reads {lc.n_vocab} tokens from {path}, the model has {a.vocab_size}")
             lcs.append(lc)
             engines.append(("llama.cpp", k, batches if k == "f32" else qbatches, gguf_bytes(path),
-                            lambda p, new, rep, warm, lc=lc: time_llamacpp(lc, p, new, rep, warm)))
+                            lambda p, new, rep, warm, lc=lc: time_llamacpp(lc, p, new, rep, warm, lc_threads)))
     hf = None
     hf_threads: list[int] = []
     if args.hf == "torch":
@@ -548,6 +572,7 @@ def main() -> None:
         bandwidth = bandwidth and bandwidth * layout.mesh.size
         how = "HBM peak"
 
+    threads_of = {"transformers": hf_threads, "llama.cpp": lc_threads}
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(3, a.vocab_size, size=(b, args.prompt_len)).tolist() for b in batches}
     figures: dict[tuple, list[dict]] = {}
@@ -561,6 +586,9 @@ def main() -> None:
                 tries = t if isinstance(t, list) else [t]
                 got = [rates(b, args.prompt_len, args.new_tokens, *x) for x in tries]
                 best = {k: max((g[k] for g in got if g[k] is not None), default=None) for k in got[0]}
+                counts = threads_of.get(name)
+                if counts and best["decode_tok_s"] is not None:  # the thread count of the best decode figure
+                    best["threads"] = counts[[g["decode_tok_s"] for g in got].index(best["decode_tok_s"])]
                 figures.setdefault((name, wt, b), []).append(best)
                 print(f"  {name} {wt} batch {b}: decode {_fmt(best['decode_tok_s'])} tok/s, prefill "
                       f"{_fmt(best['prefill_tok_s'])} tok/s ({time.perf_counter() - start:.0f} s)",
@@ -581,7 +609,7 @@ def main() -> None:
     record = {"bench": "decode_throughput", "model": args.model or args.shape or args.preset, "params": n_params,
               "dtype": a.dtype, "device": f"{device.platform}:{device.device_kind}", "n_devices": layout.mesh.size,
               "cpu_threads": os.cpu_count(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "rounds": args.rounds}
+              "repeats": args.repeats, "rounds": args.rounds, "commit": _commit()}
     if bandwidth:
         record["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
         record["bandwidth_how"] = how
@@ -590,7 +618,7 @@ def main() -> None:
     if lc_kinds:
         if lcs and lc_kinds[0] == "f32":
             record["llamacpp_f32_same_greedy_tokens"] = round(same_tokens, 3)  # share of 8 tokens x max batch rows
-        record["llamacpp_threads"] = args.threads
+        record["llamacpp_threads"] = lc_threads
         record["llamacpp_extra_bufts"] = extra
     if hf is not None:
         record["hf_threads"] = hf_threads
@@ -602,8 +630,10 @@ def main() -> None:
             if (name, wt, b) not in figures:
                 continue
             fs = figures[(name, wt, b)]
-            med = {k: _median([f[k] for f in fs]) for k in fs[0]}
-            row = {"engine": name, "weights": wt, "batch": b, **med, "weight_bytes": nbytes}
+            med = {k: _best([f[k] for f in fs]) for k in ("prefill_tok_s", "decode_tok_s")}
+            best_round = next((f for f in fs if f["decode_tok_s"] == med["decode_tok_s"]), fs[0])
+            row = {"engine": name, "weights": wt, "batch": b, **med, "weight_bytes": nbytes,
+                   "threads": best_round.get("threads")}
             if bandwidth and med["decode_tok_s"] is not None:
                 row["bw_fraction"] = med["decode_tok_s"] / b * nbytes / bandwidth
             rows.append(row)
@@ -612,6 +642,8 @@ def main() -> None:
                 key += f"_{wt}"
             entry = _round(med)
             entry["weight_mib"] = round(nbytes / 2**20, 1)
+            if "threads" in best_round:
+                entry["threads"] = best_round["threads"]
             if "bw_fraction" in row:
                 entry["bw_fraction"] = round(row["bw_fraction"], 3)
             if args.rounds > 1:
@@ -667,9 +699,21 @@ def _corpus_words():
     yield ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(256)]
 
 
-def _median(xs: list):
+def _commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (others' work in progress)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
+def _best(xs: list):
     xs = [x for x in xs if x is not None]
-    return float(np.median(xs)) if xs else None
+    return max(xs) if xs else None
 
 
 if __name__ == "__main__":

@@ -330,7 +330,8 @@ def quantize_gguf(src: Path, dst: Path, kind: str, threads: int) -> Path:
     return dst
 
 
-def _quiet_llama_cpp() -> None:
+def quiet_llama_cpp() -> None:
+    """Silence llama.cpp's log (benchmarks/gguf_quantize.py uses it too)."""
     import llama_cpp
 
     low = llama_cpp.llama_cpp
@@ -339,7 +340,7 @@ def _quiet_llama_cpp() -> None:
     def _silent(level, text, user_data):  # noqa: ARG001
         pass
 
-    _quiet_llama_cpp.cb = _silent  # keep a reference: llama.cpp holds the pointer
+    quiet_llama_cpp.cb = _silent  # keep a reference: llama.cpp holds the pointer
     low.llama_log_set(_silent, None)
 
 
@@ -510,7 +511,7 @@ def main() -> None:
         from jaxllama.convert.common import Extras, ParamsSource
         from jaxllama.convert.gguf_format import write_gguf
 
-        _quiet_llama_cpp()
+        quiet_llama_cpp()
         f32 = work / "model-f32.gguf"
         src = ParamsSource(host_tree(params, a), m, Extras(tokenizer_dir=tok_dir, bos_token_id=bos, eos_token_id=eos))
         f32.unlink(missing_ok=True)  # the weights are made afresh each run

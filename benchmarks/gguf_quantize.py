@@ -36,19 +36,6 @@ sys.path.insert(0, str(TESTS))
 KINDS = ["q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m"]
 
 
-def _quiet_llama_cpp() -> None:
-    import llama_cpp
-
-    low = llama_cpp.llama_cpp
-
-    @low.llama_log_callback
-    def _silent(level, text, user_data):  # noqa: ARG001
-        pass
-
-    _quiet_llama_cpp.cb = _silent  # keep a reference: llama.cpp holds the pointer
-    low.llama_log_set(_silent, None)
-
-
 def block_stats(f32_path: Path, ours_path: Path, theirs_path: Path) -> dict:
     """Per K-quant type in ``theirs_path``: RMS error of ours and theirs, and the bit-identical block fraction."""
     import gguf
@@ -151,7 +138,9 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated --gguf-type values (default {KINDS})")
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
-    _quiet_llama_cpp()
+    from decode_throughput import quiet_llama_cpp
+
+    quiet_llama_cpp()
     if args.part in ("quality", "both"):
         quality(args.work, kinds)
     if args.part in ("speed", "both"):

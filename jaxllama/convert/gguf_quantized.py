@@ -80,10 +80,6 @@ def float_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(q), np.asarray(s)
 
 
-def permute_rows(q: np.ndarray, s: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return q[perm], s[perm]
-
-
 def stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Layers' (q, scale) of one name -> stacked arrays, at the finest format among them (exact)."""
     if all(p[0].dtype == parts[0][0].dtype and p[1].shape == parts[0][1].shape for p in parts):

@@ -150,9 +150,9 @@ def test_compile_error_falls_back(monkeypatch, tmp_path, caplog):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (bad, *cpu_kernels.SOURCES[1:]))
     monkeypatch.setenv("JAXLLAMA_CACHE", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="jaxllama.model.cpu_kernels"):
         assert not cpu_kernels.available()
-    assert "failed on bad.cc" in caplog.text
+    assert "failed on bad.cc, cpu_fmatmul.cc" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so")) and not list((tmp_path / "kernels").glob("*.tmp"))

@@ -98,7 +98,7 @@ def test_generate_with_replicated_kv_heads_equals_unsharded():
     with pytest.raises(ConfigError, match="kv_heads=4 over tensor=8"):
         inference_program(a, {"data": 1, "fsdp": 1, "tensor": 8})
     program = inference_program(a, {"data": 1, "fsdp": 1, "tensor": 8}, rules=KV_WHOLE)
-    assert program.layout.spec(CACHE_AXES[1:])[2] is None  # the KV cache keeps its heads whole too
+    assert program.layout.spec(CACHE_AXES[1:])[1] is None  # the KV cache keeps its heads whole too
     placed = place_params(params, a, program.layout)
     assert placed["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding.spec[-1] == "tensor"
     got = Engine(placed, a, program.layout).generate(prompts, 8, Sampling(temperature=0))

@@ -6,7 +6,7 @@ attends to slots up to it). The decode loop runs in chunks of ``chunk`` steps in
 ``while_loop`` (which exits early once every row is done); between chunks the host reads the new
 tokens, to stream them and to check stop strings. ``chunk`` large enough means a single call.
 
-The cache is [layers, batch, cache_len, kv_heads, head_dim] (:data:`jaxllama.program.CACHE_AXES`),
+The cache is [layers, batch, kv_heads, cache_len, head_dim] (:data:`jaxllama.program.CACHE_AXES`),
 sharded by the same logical rules as the model: batch as the batch, kv heads as the ``kv_heads``
 rule says (over ``tensor`` by default; ``[kv_heads, null]`` keeps them whole on every device).
 """
@@ -117,7 +117,7 @@ class _Program:
         return s
 
     def chunk(self, params, state, steps):
-        cache_len = jax.tree.leaves(state["cache"])[0].shape[-3]
+        cache_len = jax.tree.leaves(state["cache"])[0].shape[-2]
         end = state["step"] + steps
 
         def cond(s):
@@ -138,7 +138,7 @@ class _Program:
 def empty_cache(a: Arch, layout: Layout, batch: int, cache_len: int) -> tuple:
     """Zeros in the model's cache form: stacked (k, v) for scanned layers, else one (k, v) per layer,
     sharded by the cache's logical names (the one owner of the KV-cache layout; the server's slots too)."""
-    per_layer = (batch, cache_len, a.n_kv_heads, a.head_dim)
+    per_layer = (batch, a.n_kv_heads, cache_len, a.head_dim)
 
     def zeros(shape, names):
         return layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), names)

@@ -182,22 +182,33 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     return fn(q, k, v, segment_ids)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array) -> jax.Array:
-    """Decode-step attention over a KV cache whose slot j holds position j of the same row.
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array,
+                     k: jax.Array, v: jax.Array) -> jax.Array:
+    """Attention of new tokens over a KV cache *before* they are written to it, and over themselves.
 
-    ``q`` [batch, q_len, heads, head_dim] at ``q_positions`` [batch, q_len]; caches [batch, cache_len,
-    kv_heads, head_dim]. A query sees slots 0..its position; later slots (stale or padding) are masked,
-    so rows of different lengths share one cache without any per-row bookkeeping here.
+    ``q``, ``k``, ``v`` [batch, t, heads or kv_heads, head_dim]: t new tokens of each row at
+    consecutive positions ``q_positions`` [batch, t] (t = 1: a decode step, each row at its own
+    position; t > 1: a chunk continuing a prompt). Caches heads-major [batch, kv_heads, cache_len,
+    head_dim] (:data:`jaxllama.model.llama.LAYER_CACHE_AXES`), slot j holding position j of the same
+    row: a query sees the slots before its row's first new position (later slots are stale or
+    padding: masked) and the new tokens up to itself. So rows of different lengths share one cache
+    with no bookkeeping here; and the cache's only reader is this step's attention, not also the
+    write that follows, which XLA then does in place (attending to the written cache made it copy
+    every layer's cache several times a step). Products are batched over (batch, kv_heads) with the
+    cache in place; only the few new rows are transposed.
     """
     b, t, h, d = q.shape
-    kv_heads, s = k_cache.shape[2], k_cache.shape[1]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(d)
-    mask = (jnp.arange(s)[None, None, :] <= q_positions[:, :, None])[:, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    qh, kh, vh = _heads_major(q, k, v)  # [b, kv_heads, group * t, d], [b, kv_heads, t, d]
+    old = jnp.einsum("bkqd,bksd->bkqs", qh, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    new = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    old = jnp.where((jnp.arange(s)[None, :] < q_positions[:, :1])[:, None, None, None],
+                    old.reshape(b, kv_heads, h // kv_heads, t, s), MASK_VALUE)
+    new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new.reshape(b, kv_heads, h // kv_heads, t, t), MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1) / np.sqrt(d), axis=-1)
+    p_old, p_new = (x.reshape(b, kv_heads, -1, x.shape[-1]).astype(v.dtype) for x in (probs[..., :s], probs[..., s:]))
+    out = jnp.einsum("bkqs,bksd->bkqd", p_old, v_cache.astype(v.dtype)) + jnp.einsum("bkqs,bksd->bkqd", p_new, vh)
+    return _from_heads_major(out, (b, t, h, d)).astype(q.dtype)
 
 
 def resolve_impl(name: str, dtype: str | None = None) -> str:

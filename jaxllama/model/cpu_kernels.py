@@ -1,4 +1,9 @@
-"""Native CPU kernels for quantized matrix-vector products (decoding), called through the XLA FFI.
+"""Native CPU kernels for the matrix products of decoding (int8 / int4 and float32 weights), called
+through the XLA FFI.
+
+float32 (:func:`fmatmul`, ``cpu_fmatmul.cc``): see the section below; the rest of this docstring is
+about the quantized products (:func:`qmatmul`, ``cpu_kernels.cc``). Both files include
+``cpu_kernels.h`` (the vector type, the worker threads) and build into one library.
 
 Why this exists: decoding a few rows reads every weight once per token, so it is bound by memory
 bandwidth, and int8 / int4 weights should make it 4x / 8x cheaper than float32. XLA:CPU turns that
@@ -24,8 +29,8 @@ The layout is :mod:`jaxllama.model.quant`'s: ``q`` ``[out, in]`` int8, or ``[out
 two int4 values per byte; ``scale`` ``[out, in/g]`` float32.
 
 Built lazily, the first time :func:`wanted` is asked on a CPU backend, with the system C++ compiler
-(``$CXX``, else ``c++`` / ``g++`` from PATH; ``-O3 -march=native``, ~8 s), and cached under
-``$JAXLLAMA_CACHE/kernels`` (else ``~/.cache/jaxllama/kernels``) by a hash of the source, the flags,
+(``$CXX``, else ``c++`` / ``g++`` from PATH; ``-O3 -march=native``, ~10 s), and cached under
+``$JAXLLAMA_CACHE/kernels`` (else ``~/.cache/jaxllama/kernels``) by a hash of the sources, the flags,
 the compiler, the CPU's flags and the JAX version; the library is written to a temporary file and
 renamed into place, so processes building at once do not see each other's half-written files.
 Without a compiler, or if the build fails, :func:`wanted` is False (quant.matmul's XLA path) and
@@ -38,24 +43,31 @@ them and runs the call replicated on every device: correct, but every device rea
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_fmatmul.cc")  # one library; both include cpu_kernels.h
+HEADERS = (HERE / "cpu_kernels.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 TARGETS = {"int8": "jaxllama_qmatmul_int8", "int4": "jaxllama_qmatmul_int4"}
+F_TARGETS = {"io": "jaxllama_fmatmul_io", "oi": "jaxllama_fmatmul_oi"}  # float32: w [in, out] / [out, in]
 # Rows up to which the kernel beats XLA's dequantize-then-matmul (measured on the 135M matrices,
 # 2-core EPYC, the two interleaved: 1 row 22-32x faster, 16 rows ~5x, 32 rows ~3.3x, 128 rows
 # 1.2-1.5x, 192 rows 1.04-1.34x, 256 rows 0.72-1.07x, 512 rows 0.76-0.97x).
@@ -98,7 +110,7 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     include = jax.ffi.include_dir()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
                                      _cpu_flags().encode(), include.encode()])).hexdigest()[:20]
     out = cache_dir() / f"cpu_kernels-{key}.so"
@@ -108,13 +120,13 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, "-I", include, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cxx, *FLAGS, "-I", include, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if r.returncode:
             err = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines() or ["?"]
-            raise RuntimeError(f"{Path(cxx).name} failed on {SOURCE.name} (exit {r.returncode}): {err[0].strip()}")
+            raise RuntimeError(f"{Path(cxx).name} failed on {', '.join(f.name for f in SOURCES)} (exit {r.returncode}): {err[0].strip()}")
         os.replace(tmp, out)
     except OSError as e:
-        raise RuntimeError(f"cannot build {SOURCE.name} into {out.parent}: {e}") from None
+        raise RuntimeError(f"cannot build the kernels into {out.parent}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -130,13 +142,13 @@ def available() -> bool:
             return _state["ok"]
         try:
             lib = ctypes.CDLL(str(_build()))
-            for target in TARGETS.values():
+            for target in (*TARGETS.values(), *F_TARGETS.values()):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
             lib.jaxllama_qmatmul_isa.restype = ctypes.c_char_p
             _state.update(ok=True, isa=lib.jaxllama_qmatmul_isa().decode(), lib=lib)
         except (RuntimeError, OSError, AttributeError) as e:
             _state.update(ok=False, why=str(e))
-            log.warning("jaxllama: native CPU int8/int4 matmul unavailable (%s); quantized decoding uses XLA", e)
+            log.warning("jaxllama: native CPU matmuls unavailable (%s); decoding uses XLA's", e)
         return _state["ok"]
 
 
@@ -195,3 +207,63 @@ def qmatmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str) -> jax.Arra
     if not available():
         return reference(x, q, scale, mode)
     return _qmatmul(x, q, scale, mode)
+
+
+# ---- float32 weights ------------------------------------------------------------------------------
+# XLA:CPU's float32 matrix-vector product reads the weights at ~10 GB/s on one core (2-core Xeon,
+# the 135M shape's matrices, profiled inside the decode step), a fifth of the memory bandwidth; and
+# a tied head ``x @ E.T`` is a transposing copy plus a dot. These kernels read each weight once,
+# on every core, in the layout it is stored in. Only while decoding (:func:`decoding`): the model's
+# training and prefill products stay XLA's, and so does any sharded program (the FFI call has no
+# partitioning rule; gathered weights would cost more than the kernel saves).
+
+_decoding = contextvars.ContextVar("jaxllama_native_decoding", default=False)
+
+
+@contextlib.contextmanager
+def decoding(on: bool = True) -> Iterator[None]:
+    """While tracing a decode step: float32 products of few rows may use the native kernels."""
+    token = _decoding.set(on)
+    try:
+        yield
+    finally:
+        _decoding.reset(token)
+
+
+def wanted_f32(rows: int, *dtypes) -> bool:
+    """Whether :func:`fmatmul` should compute a product of ``rows`` rows: inside :func:`decoding`,
+    float32 operands, few rows, a CPU backend and the kernels built."""
+    if not _decoding.get() or any(jnp.dtype(d) != jnp.float32 for d in dtypes):
+        return False
+    return wanted(rows, jnp.float32)
+
+
+def _f_native(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
+    *lead, d_in = x.shape
+    d_out = w.shape[1] if layout == "io" else w.shape[0]
+    call = jax.ffi.ffi_call(F_TARGETS[layout], jax.ShapeDtypeStruct((math.prod(lead), d_out), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.reshape(-1, d_in), w).reshape(*lead, d_out)
+
+
+def _f_reference(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
+    return jnp.dot(x, w) if layout == "io" else jnp.dot(x, w.T)
+
+
+_fmatmul = jax.custom_vjp(_f_native, nondiff_argnums=(2,))
+_fmatmul.defvjp(lambda x, w, layout: (_f_native(x, w, layout), (x, w)),
+                lambda layout, res, g: jax.vjp(lambda x, w: _f_reference(x, w, layout), *res)[1](g))
+
+
+def fmatmul(x: jax.Array, w: jax.Array, layout: str = "io") -> jax.Array:
+    """float32 ``x @ w`` (layout ``io``: ``w`` [in, out]) or ``x @ w.T`` (``oi``: ``w`` [out, in], a tied
+    head) for ``x`` [..., in], by the native kernel; XLA's product when the kernel is unavailable.
+    Differentiable (the backward pass is XLA's)."""
+    if layout not in F_TARGETS:
+        raise ValueError(f"fmatmul: layout {layout!r} is not io or oi")
+    d_in = w.shape[0] if layout == "io" else w.shape[1]
+    if w.ndim != 2 or x.shape[-1] != d_in:
+        raise ValueError(f"fmatmul: x {x.shape} and w {w.shape} do not agree ({layout})")
+    if not available():
+        return _f_reference(x, w, layout)
+    return _fmatmul(x.astype(jnp.float32), w.astype(jnp.float32), layout)

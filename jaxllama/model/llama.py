@@ -29,13 +29,18 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllama.model import quant
+from jaxllama.model import cpu_kernels, quant
 from jaxllama.model.attention import attend, cached_attention, resolve_impl
 from jaxllama.parallel.sharding import RESIDUAL_AXES, Layout, boxed_shapes
 
 # Activations carry activation_* logical names (see jaxllama/parallel/sharding.py); weights the plain ones.
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")  # also the cache
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+# One layer's KV cache, heads-major: [batch, kv_heads, cache_len, head_dim] (scanned layers stack a
+# leading "layers" axis: jaxllama.program.CACHE_AXES). Heads before positions, so that attention over
+# the cache is a plain batched matmul over (batch, kv_heads): with positions first XLA transposes the
+# whole cache of every layer at every decode step (on CPU a quarter of a batch-16 step).
+LAYER_CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
 
 F32 = jnp.float32
 _REMAT = {
@@ -166,7 +171,11 @@ class Linear(nn.Module):
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
             kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.dtype(a.param_dtype))
-            y = checkpoint_name(dense(x.astype(a.dtype), kernel.astype(a.dtype)), "dense")
+            xc, kc = x.astype(a.dtype), kernel.astype(a.dtype)
+            if cpu_kernels.wanted_f32(math.prod(x.shape[:-1]), xc.dtype, kc.dtype):  # CPU decoding
+                y = cpu_kernels.fmatmul(xc, kc, "io")
+            else:
+                y = checkpoint_name(dense(xc, kc), "dense")
         if a.lora_rank and self.name in a.lora_targets:
             y = y + self._lora(x)
         return y
@@ -207,7 +216,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, cache=None, positions=None, extend=False, window=None):
-        """``cache``: None (training) or this layer's (k, v) [batch, cache_len, kv_heads, head_dim].
+        """``cache``: None (training) or this layer's (k, v) [batch, kv_heads, cache_len, head_dim].
 
         With a cache, the new keys/values are written at ``positions`` and returned as the new cache.
         A multi-token call is a prefill from position 0 (causal attention over the new tokens); a
@@ -228,12 +237,17 @@ class Attention(nn.Module):
         q = self.layout.constrain(q, Q_AXES)
         k = self.layout.constrain(k, KV_AXES)
         v = self.layout.constrain(v, KV_AXES)
-        if cache is not None:
-            cache = write_cache(cache, k, v, positions, self.layout, extend)
-        if cache is not None and (t == 1 or extend):
-            kc, vc = cache if window is None else (cache[0][:, :window], cache[1][:, :window])
-            out = cached_attention(q, kc, vc, positions)
+        if cache is not None and (t == 1 or extend):  # attend over what is cached, then write
+            kc, vc = cache if window is None else (cache[0][:, :, :window], cache[1][:, :, :window])
+            out = cached_attention(q, kc, vc, positions, k, v)
+            # The write after the reads: XLA:CPU otherwise schedules the write first and copies the
+            # cache to keep the old one for attention (every layer's, several times a step: a third
+            # of a batch-16 step). A zero from the output orders them; it changes no value.
+            after = (out.reshape(-1)[0] * 0).astype(k.dtype)
+            cache = write_cache(cache, k + after, v + after, positions, self.layout, extend)
         else:
+            if cache is not None:  # a prefill: write, then attend over the new tokens alone
+                cache = write_cache(cache, k, v, positions, self.layout, extend)
             out = attend(a.attention, q, k, v, segment_ids, self.layout.mesh,
                          *(self.layout.mesh_axes(n) for n in ("activation_batch", "activation_heads",
                                                                "activation_kv_heads")))
@@ -346,6 +360,9 @@ class Embed(nn.Module):
         ``dot_general`` over the table's embed axis measured slower for batch-1 decoding.)"""
         if self.quantized:
             return quant.matmul(x, self.embedding_q, self.embedding_scale, self.a.dtype).astype(F32)
+        xc, table = x.astype(self.a.dtype), self.embedding.astype(self.a.dtype)
+        if cpu_kernels.wanted_f32(math.prod(x.shape[:-1]), xc.dtype, table.dtype):  # CPU decoding
+            return cpu_kernels.fmatmul(xc, table, "oi")
         return jnp.dot(x.astype(self.a.dtype), self.embedding.T.astype(self.a.dtype), preferred_element_type=F32)
 
 
@@ -379,9 +396,9 @@ class Llama(nn.Module):
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple,
                last: jax.Array | None = None, extend: bool = False, all_logits: bool = False,
                window: int | None = None) -> tuple[jax.Array, tuple]:
-        """Forward with a KV cache: with scanned layers ``(k, v)``, each [layers, batch, cache_len,
-        kv_heads, head_dim]; with unrolled layers one ``(k, v)`` per layer, each [batch, cache_len,
-        kv_heads, head_dim] (separate buffers, so a decode loop updates each in place).
+        """Forward with a KV cache: with scanned layers ``(k, v)``, each [layers, batch, kv_heads,
+        cache_len, head_dim]; with unrolled layers one ``(k, v)`` per layer, each [batch, kv_heads,
+        cache_len, head_dim] (separate buffers, so a decode loop updates each in place).
 
         ``tokens``/``positions`` [batch, len]: a prefill (len > 1, positions 0..len-1) or one decode
         step (len 1, each row at its own position). Returns float32 logits [batch, vocab] at index
@@ -393,12 +410,14 @@ class Llama(nn.Module):
         [batch, len, vocab] (prompt log-probabilities, e.g. ``echo`` with ``logprobs``). ``window``:
         see :class:`Attention` (unrolled layers only).
         """
-        h, cache = self._trunk(tokens, positions, None, cache, extend, window)
-        if all_logits:
+        mesh = self.layout.mesh
+        with cpu_kernels.decoding(mesh is None or mesh.size == 1):  # native CPU products, unsharded only
+            h, cache = self._trunk(tokens, positions, None, cache, extend, window)
+            if all_logits:
+                return self.head(h), cache
+            idx = jnp.full((h.shape[0],), h.shape[1] - 1) if last is None else last
+            h = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
             return self.head(h), cache
-        idx = jnp.full((h.shape[0],), h.shape[1] - 1) if last is None else last
-        h = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-        return self.head(h), cache
 
     def _trunk(self, tokens, positions, segment_ids, cache, extend=False, window=None):
         if positions is None:
@@ -428,7 +447,8 @@ class Llama(nn.Module):
 
 def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, positions: jax.Array,
                 layout: Layout, extend: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Store k, v [batch, len, kv_heads, head_dim] into one layer's cache at slots ``positions``.
+    """Store k, v [batch, len, kv_heads, head_dim] into one layer's cache ([batch, kv_heads, cache_len,
+    head_dim], :data:`LAYER_CACHE_AXES`) at slots ``positions``.
 
     A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice (``extend``: slots from
     ``positions[0, 0]`` on; the caller keeps them inside the cache, which would otherwise shift the
@@ -439,10 +459,10 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
     for c, new in ((cache[0], k), (cache[1], v)):
         new = new.astype(c.dtype)
         if k.shape[1] > 1:
-            c = jax.lax.dynamic_update_slice(c, new, (0, start, 0, 0))
-        else:
-            c = c.at[jnp.arange(c.shape[0]), positions[:, 0]].set(new[:, 0], mode="drop")
-        out.append(layout.constrain(c, KV_AXES))
+            c = jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2), (0, 0, start, 0))
+        else:  # row r's [kv_heads, head_dim] to its slot positions[r]
+            c = c.at[jnp.arange(c.shape[0]), :, positions[:, 0]].set(new[:, 0], mode="drop")
+        out.append(layout.constrain(c, LAYER_CACHE_AXES))
     return out[0], out[1]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jaxllama.config import Config, reference_mode
 from jaxllama.data.batch import BATCH_DTYPES
 from jaxllama.errors import ConfigError
-from jaxllama.model.llama import KV_AXES, Q_AXES, Arch, Llama, abstract_params, model_params
+from jaxllama.model.llama import KV_AXES, LAYER_CACHE_AXES, Q_AXES, Arch, Llama, abstract_params, model_params
 from jaxllama.parallel.mesh import MeshPlan, mesh_platform
 from jaxllama.parallel.sharding import (BATCH_AXES, RESIDUAL_AXES, Layout, ShardError, axis_tuple, boxed_shapes,
                                         check_divisible, rules_from_config)
@@ -32,8 +32,8 @@ from jaxllama.program.step import (TrainState, init_base, init_state, make_loss_
 # The activations the model constrains (and so the layout must split evenly), per token:
 # [batch, length, ...] plus these trailing dims. The KV cache uses the k/v names (CACHE_AXES).
 _ACTIVATIONS = {"activations/residual": RESIDUAL_AXES, "activations/q": Q_AXES, "activations/k_v": KV_AXES}
-# The KV cache: [layers, batch, cache_len, kv_heads, head_dim] (scanned) or per layer without "layers".
-CACHE_AXES = ("layers",) + KV_AXES
+# The KV cache: [layers, batch, kv_heads, cache_len, head_dim] (scanned) or per layer without "layers".
+CACHE_AXES = ("layers",) + LAYER_CACHE_AXES
 
 
 @dataclass(frozen=True)

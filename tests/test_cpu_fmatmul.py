@@ -1,6 +1,8 @@
-"""The native CPU float32 matmuls (jaxllama.model.cpu_kernels.fmatmul, cpu_fmatmul.cc) equal a float64
-product in both weight layouts, at every row count and odd size; their gradient is XLA's; and the
-model's decode step uses them (only while decoding, only unsharded) with the logits of XLA's path."""
+"""The native CPU float32 kernels of decoding: the matmuls (jaxllama.model.cpu_kernels.fmatmul,
+cpu_fmatmul.cc) equal a float64 product in both weight layouts, at every row count and odd size,
+and their gradient is XLA's; the decode-step attention (decode_attention, cpu_attention.cc) equals
+the XLA reference (attention.cached_attention) at any fill of the cache; the model's decode step
+uses them (only while decoding, only unsharded) with the logits of XLA's path."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllama.model import cpu_kernels
+from jaxllama.model import attention, cpu_kernels
 from jaxllama.model.llama import Arch, Llama
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
@@ -72,6 +74,36 @@ def test_bad_shapes_are_errors():
         cpu_kernels.fmatmul(jnp.ones((2, 5)), jnp.ones((5, 3)), "ji")
 
 
+# (batch, kv_heads, heads, head_dim, cache_len): the 135M shape's at batch 1 and 16, one KV head
+# for 20 query heads (more than the kernel's 16 a pass), head dims that are not a multiple of the
+# vector width.
+ATTN = [(1, 3, 9, 64, 144), (16, 3, 9, 64, 144), (3, 1, 20, 24, 5), (2, 2, 2, 70, 33), (4, 2, 4, 16, 64)]
+
+
+@pytest.mark.parametrize("b,kv,h,d,s", ATTN)
+def test_decode_attention_equals_reference(b, kv, h, d, s):
+    """Rows at every fill: no cached slot (the new token alone), some, all, and a position past the
+    cache (a server's idle slot: every slot visible)."""
+    rng = np.random.default_rng(b * 100 + s)
+    kc, vc = (jnp.asarray(rng.standard_normal((b, kv, s, d), np.float32)) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((b, 1, h, d), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((b, 1, kv, d), np.float32)) for _ in range(2))
+    fills = np.array([0, s // 2, s, s + 7] * b)[:b]
+    pos = jnp.asarray(fills[:, None], jnp.int32)
+    want = np.asarray(attention.cached_attention(q, kc, vc, pos, k, v))  # outside decoding(): XLA's
+
+    def native(*args):
+        with cpu_kernels.decoding():
+            return attention.cached_attention(*args)
+
+    text = jax.jit(native).lower(q, kc, vc, pos, k, v).as_text()
+    assert "call @jaxllama_decode_attention" in text
+    got = np.asarray(jax.jit(native)(q, kc, vc, pos, k, v))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    np.testing.assert_allclose(got[0], np.broadcast_to(np.repeat(np.asarray(v)[0, 0], h // kv, axis=0), got[0].shape),
+                               rtol=0, atol=1e-6)  # row 0 has nothing cached: its own value
+
+
 def _tiny(tied: bool) -> Arch:
     return Arch(vocab_size=203, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
                 max_position=64, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=tied, scan_layers=False)
@@ -107,13 +139,14 @@ def test_decode_step_uses_kernels_with_xla_logits(tied, monkeypatch):
     native, cache, text, prefill_text = run()
     calls = 7 * a.n_layers + 1  # the projections and the head
     assert text.count("call @jaxllama_fmatmul_io") == calls - tied and text.count("call @jaxllama_fmatmul_oi") == tied
+    assert text.count("call @jaxllama_decode_attention") == a.n_layers
     # The prefill's projections have b * prompt = 150 rows > MAX_ROWS: XLA's; its head only the last rows.
     assert prefill_text.count("call @jaxllama_fmatmul") == 1
     train_text = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens[:, :1]).as_text()
     assert "jaxllama_fmatmul" not in train_text
     monkeypatch.setattr(cpu_kernels, "wanted_f32", lambda *_: False)
     ref, ref_cache, ref_text, _ = run()
-    assert "jaxllama_fmatmul" not in ref_text
+    assert "jaxllama_fmatmul" not in ref_text and "jaxllama_decode_attention" not in ref_text
     np.testing.assert_allclose(native, ref, rtol=0, atol=2e-4 * np.abs(ref).max())
     for c, r in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
         np.testing.assert_allclose(np.asarray(c), np.asarray(r), rtol=0, atol=1e-4)
@@ -133,4 +166,4 @@ def test_sharded_decode_keeps_xla():
     text = jax.jit(lambda p, c: model.apply({"params": p}, jnp.zeros((2, 1), jnp.int32),
                                             jnp.zeros((2, 1), jnp.int32), c, method=Llama.decode)
                    ).lower(params, cache).as_text()
-    assert "jaxllama_fmatmul" not in text
+    assert "jaxllama_fmatmul" not in text and "jaxllama_decode_attention" not in text

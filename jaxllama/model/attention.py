@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllama.model import cpu_kernels
 from jaxllama.parallel.mesh import mesh_platform
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -199,6 +200,10 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     """
     b, t, h, d = q.shape
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    if t == 1 and cpu_kernels.wanted_f32(None, q.dtype, k_cache.dtype, v_cache.dtype):  # CPU decoding
+        out = cpu_kernels.decode_attention(q.reshape(b, kv_heads, h // kv_heads, d), k_cache, v_cache,
+                                           q_positions[:, 0], k[:, 0], v[:, 0])
+        return out.reshape(b, t, h, d).astype(q.dtype)
     qh, kh, vh = _heads_major(q, k, v)  # [b, kv_heads, group * t, d], [b, kv_heads, t, d]
     old = jnp.einsum("bkqd,bksd->bkqs", qh, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     new = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)

@@ -205,7 +205,10 @@ inline void relax() {
 // kSpin, which covers the gaps between one decoding step's matmuls, then sleeps until the next
 // job (whose caller does not wait for it). Not sched_yield: on a loaded machine a yield gives
 // the CPU away for a whole time slice, and the worker then missed most jobs.
-constexpr auto kSpin = std::chrono::milliseconds(2);
+inline std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t(std::getenv("JAXLLAMA_KERNEL_SPIN_US") ? std::atol(std::getenv("JAXLLAMA_KERNEL_SPIN_US")) : 2000);
+  return t;
+}
 class Workers {
  public:
   static Workers& get() {
@@ -257,7 +260,7 @@ class Workers {
       uint64_t g;
       auto start = std::chrono::steady_clock::now();
       for (int spins = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++spins) {
-        if ((spins & 255) || std::chrono::steady_clock::now() - start < kSpin) {
+        if ((spins & 255) || std::chrono::steady_clock::now() - start < spin_time()) {
           relax();
         } else {
           std::unique_lock<std::mutex> lk(m_);

@@ -268,6 +268,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                   help="KV cache: auto (the compute dtype) or int8 (a float32 scale per token and head: "
+                        "about a quarter of float32's memory)")
+
+
 def _rules(args) -> list | None:
     from jaxllama.config import parse_rules
 
@@ -279,6 +285,7 @@ def _add_generate(sub) -> None:
                        description="Generate continuations of prompts with a sharded KV-cache engine. Text streams "
                                    "to stdout as it is produced; --json prints one JSON object per completion.")
     _add_model_args(p)
+    _add_kv_cache_arg(p)
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", help="a file of prompts, one per line (run as one batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -315,7 +322,7 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     initialize_from_env()  # several processes (launchers, SLURM, TPU pods) share one mesh; process 0 prints
     loaded = load(args.model, args.tokenizer, args.mesh, args.dtype, rules=_rules(args), lora=args.lora,
-                  quantize=args.quantize, group_size=args.group_size)
+                  quantize=args.quantize, group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype)
     quiet = (lambda _: None) if jax.process_index() else None
     say = None if jax.process_index() else (lambda line: print(line, file=sys.stderr, flush=True))
     generate(loaded, prompts, args.max_new_tokens, sampling, n=args.n, stop=args.stop, chat=args.chat,
@@ -362,6 +369,7 @@ def _add_serve(sub) -> None:
                                    "stream), /v1/models, /health, /metrics. Requests share a fixed set of decode slots; "
                                    "a new request is prefilled in chunks and joins the running batch.")
     _add_model_args(p)
+    _add_kv_cache_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--slots", type=int, default=16, help="sequences decoded together (default 16)")
@@ -384,7 +392,8 @@ def cmd_serve(args) -> int:
                               lora=args.lora, rules=_rules(args), host=args.host, port=args.port, slots=args.slots,
                               max_len=args.max_len, chunk=args.chunk, max_queue=args.max_queue,
                               names=tuple(args.served_model_name), chat_template=args.chat_template,
-                              quantize=args.quantize, group_size=args.group_size))
+                              quantize=args.quantize, group_size=args.group_size,
+                              kv_cache_dtype=args.kv_cache_dtype))
 
 
 def _skip_absent_tpu() -> None:

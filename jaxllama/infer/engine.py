@@ -137,15 +137,27 @@ class _Program:
 
 def empty_cache(a: Arch, layout: Layout, batch: int, cache_len: int) -> tuple:
     """Zeros in the model's cache form: stacked (k, v) for scanned layers, else one (k, v) per layer,
-    sharded by the cache's logical names (the one owner of the KV-cache layout; the server's slots too)."""
+    sharded by the cache's logical names (the one owner of the KV-cache layout; the server's slots too).
+    ``a.kv_cache_dtype`` int8: each of k and v is (int8 values, float32 scales with a last dim of 1)."""
     per_layer = (batch, a.n_kv_heads, cache_len, a.head_dim)
 
     def zeros(shape, names):
+        if a.kv_cache_dtype == "int8":
+            return (layout.constrain(jnp.zeros(shape, jnp.int8), names),
+                    layout.constrain(jnp.ones((*shape[:-1], 1), jnp.float32), names))
         return layout.constrain(jnp.zeros(shape, jnp.dtype(a.dtype)), names)
 
     if a.scan_layers:
         return tuple(zeros((a.n_layers, *per_layer), CACHE_AXES) for _ in range(2))
     return tuple(tuple(zeros(per_layer, CACHE_AXES[1:]) for _ in range(2)) for _ in range(a.n_layers))
+
+
+def cache_bytes(a: Arch, batch: int, cache_len: int) -> int:
+    """Bytes of :func:`empty_cache` (int8: a float32 scale per token and head besides the values)."""
+    n = 2 * a.n_layers * batch * a.n_kv_heads * cache_len
+    if a.kv_cache_dtype == "int8":
+        return n * (a.head_dim + 4)
+    return n * a.head_dim * jnp.dtype(a.dtype).itemsize
 
 
 def constrain_cache(a: Arch, layout: Layout, cache: tuple) -> tuple:

@@ -8,6 +8,7 @@ their first occurrence; the text (and token ids) are cut before them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class Loaded:
 
 def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtype: str | None = None,
          devices: list | None = None, rules: list | None = None, lora: str | None = None,
-         quantize: str | None = None, group_size: int | None = None) -> Loaded:
+         quantize: str | None = None, group_size: int | None = None, kv_cache_dtype: str = "auto") -> Loaded:
     """Read MODEL (jaxllama/HF/Meta/GGUF), place it sharded on the inference mesh (``--mesh``, laid out
     by ``rules``: default the training defaults), open its tokenizer.
 
@@ -43,8 +44,12 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
 
     ``quantize`` int8/int4 (``group_size`` inputs per scale): weight-only quantization in the shards
     after placement (:func:`jaxllama.infer.placement.quantize_for_inference`); a model stored
-    quantized runs as stored."""
+    quantized runs as stored. ``kv_cache_dtype`` int8: the KV cache holds int8 values with a scale per
+    token and head (:func:`jaxllama.model.quant.quantize_kv`)."""
     from jaxllama.convert import adapters, load_model
+    from jaxllama.model.quant import check_kv_dtype
+
+    check_kv_dtype(kv_cache_dtype)
     from jaxllama.data.tokenizers import load_tokenizer
     from jaxllama.model.lora import merge
 
@@ -61,6 +66,7 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
         if adapter.tokenizer_dir is not None:
             loaded.tokenizer_path = str(adapter.tokenizer_dir)
     arch = inference_arch(Arch.from_config(loaded.model_cfg, lora_cfg), dtype, scan_layers=False)
+    arch = dataclasses.replace(arch, kv_cache_dtype=kv_cache_dtype)
     arch, quantize = stored_quantization(arch, loaded.params, model, quantize, group_size)
     tok_path = tokenizer or loaded.tokenizer_path
     if tok_path is None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllama.model import cpu_kernels
+from jaxllama.model import cpu_kernels, quant
 from jaxllama.parallel.mesh import mesh_platform
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -190,7 +190,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     ``q``, ``k``, ``v`` [batch, t, heads or kv_heads, head_dim]: t new tokens of each row at
     consecutive positions ``q_positions`` [batch, t] (t = 1: a decode step, each row at its own
     position; t > 1: a chunk continuing a prompt). Caches heads-major [batch, kv_heads, cache_len,
-    head_dim] (:data:`jaxllama.model.llama.LAYER_CACHE_AXES`), slot j holding position j of the same
+    head_dim] (:data:`jaxllama.model.llama.LAYER_CACHE_AXES`; an int8 cache: (values, scales) each,
+    dequantized here, or read as int8 by the CPU kernel), slot j holding position j of the same
     row: a query sees the slots before its row's first new position (later slots are stale or
     padding: masked) and the new tokens up to itself. So rows of different lengths share one cache
     with no bookkeeping here; and the cache's only reader is this step's attention, not also the
@@ -199,11 +200,15 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     cache in place; only the few new rows are transposed.
     """
     b, t, h, d = q.shape
-    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
-    if t == 1 and cpu_kernels.wanted_f32(None, q.dtype, k_cache.dtype, v_cache.dtype):  # CPU decoding
+    int8 = isinstance(k_cache, tuple)  # (int8 values, float32 scales): quant.quantize_kv's
+    kv_heads, s = (k_cache[0] if int8 else k_cache).shape[1:3]
+    floats = (k_cache[1].dtype, v_cache[1].dtype) if int8 else (k_cache.dtype, v_cache.dtype)  # int8: the scales
+    if t == 1 and cpu_kernels.wanted_f32(None, q.dtype, *floats):  # CPU decoding
         out = cpu_kernels.decode_attention(q.reshape(b, kv_heads, h // kv_heads, d), k_cache, v_cache,
                                            q_positions[:, 0], k[:, 0], v[:, 0])
         return out.reshape(b, t, h, d).astype(q.dtype)
+    if int8:
+        k_cache, v_cache = (quant.dequantize_kv(*c, q.dtype) for c in (k_cache, v_cache))
     qh, kh, vh = _heads_major(q, k, v)  # [b, kv_heads, group * t, d], [b, kv_heads, t, d]
     old = jnp.einsum("bkqd,bksd->bkqs", qh, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     new = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)

@@ -68,7 +68,7 @@ HEADERS = (HERE / "cpu_kernels.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 TARGETS = {"int8": "jaxllama_qmatmul_int8", "int4": "jaxllama_qmatmul_int4"}
 F_TARGETS = {"io": "jaxllama_fmatmul_io", "oi": "jaxllama_fmatmul_oi"}  # float32: w [in, out] / [out, in]
-ATTENTION_TARGET = "jaxllama_decode_attention"
+ATTENTION_TARGETS = ("jaxllama_decode_attention", "jaxllama_decode_attention_int8")  # float / int8 cache
 # Rows up to which the kernel beats XLA's dequantize-then-matmul (measured on the 135M matrices,
 # 2-core EPYC, the two interleaved: 1 row 22-32x faster, 16 rows ~5x, 32 rows ~3.3x, 128 rows
 # 1.2-1.5x, 192 rows 1.04-1.34x, 256 rows 0.72-1.07x, 512 rows 0.76-0.97x).
@@ -143,7 +143,7 @@ def available() -> bool:
             return _state["ok"]
         try:
             lib = ctypes.CDLL(str(_build()))
-            for target in (*TARGETS.values(), *F_TARGETS.values(), ATTENTION_TARGET):
+            for target in (*TARGETS.values(), *F_TARGETS.values(), *ATTENTION_TARGETS):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
             lib.jaxllama_qmatmul_isa.restype = ctypes.c_char_p
             _state.update(ok=True, isa=lib.jaxllama_qmatmul_isa().decode(), lib=lib)
@@ -271,13 +271,14 @@ def fmatmul(x: jax.Array, w: jax.Array, layout: str = "io") -> jax.Array:
     return _fmatmul(x.astype(jnp.float32), w.astype(jnp.float32), layout)
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, n: jax.Array, k: jax.Array,
-                     v: jax.Array) -> jax.Array:
+def decode_attention(q: jax.Array, k_cache, v_cache, n: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """One decode step's attention (``cpu_attention.cc``): ``q`` [b, kv_heads, group, d] over slots
-    ``0..n[b]-1`` of the heads-major caches [b, kv_heads, s, d] and the step's own ``k``, ``v``
-    [b, kv_heads, d]; float32 [b, kv_heads, group, d]. The result of
-    :func:`jaxllama.model.attention.cached_attention` for one new token (not differentiable: decoding only)."""
+    ``0..n[b]-1`` of the heads-major caches [b, kv_heads, s, d] (each an array, or an int8 cache's
+    (values, scales [b, kv_heads, s, 1])) and the step's own ``k``, ``v`` [b, kv_heads, d]; float32
+    [b, kv_heads, group, d]. The result of :func:`jaxllama.model.attention.cached_attention` for one
+    new token (not differentiable: decoding only)."""
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, f32), vmap_method="sequential")
-    return call(q.astype(f32), k_cache.astype(f32), v_cache.astype(f32), n.astype(jnp.int32), k.astype(f32),
-                v.astype(f32))
+    int8 = isinstance(k_cache, tuple)
+    call = jax.ffi.ffi_call(ATTENTION_TARGETS[int8], jax.ShapeDtypeStruct(q.shape, f32), vmap_method="sequential")
+    caches = (*k_cache, *v_cache) if int8 else (k_cache.astype(f32), v_cache.astype(f32))
+    return call(q.astype(f32), *caches, n.astype(jnp.int32), k.astype(f32), v.astype(f32))

@@ -51,7 +51,8 @@ _REMAT = {
 }
 
 
-_NOT_MODEL_CONFIG = ("quantize", "quant_group", "quant_embed")  # set by LoRA's config or by inference, not model.*
+# Set by LoRA's config or by inference options, not model.*:
+_NOT_MODEL_CONFIG = ("quantize", "quant_group", "quant_embed", "kv_cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Arch:
     quantize: str = "none"
     quant_group: int = 128
     quant_embed: bool = False  # also the embedding table and LM head (inference; QLoRA trains over a float one)
+    kv_cache_dtype: str = "auto"  # inference's KV cache: auto (the compute dtype) | int8 (quant.quantize_kv)
 
     @classmethod
     def model_fields(cls) -> list[str]:
@@ -238,7 +240,7 @@ class Attention(nn.Module):
         k = self.layout.constrain(k, KV_AXES)
         v = self.layout.constrain(v, KV_AXES)
         if cache is not None and (t == 1 or extend):  # attend over what is cached, then write
-            kc, vc = cache if window is None else (cache[0][:, :, :window], cache[1][:, :, :window])
+            kc, vc = cache if window is None else jax.tree.map(lambda c: c[:, :, :window], cache)
             out = cached_attention(q, kc, vc, positions, k, v)
             # The write after the reads: XLA:CPU otherwise schedules the write first and copies the
             # cache to keep the old one for attention (every layer's, several times a step: a third
@@ -445,24 +447,29 @@ class Llama(nn.Module):
         return self.head(self.hidden(tokens, positions, segment_ids))
 
 
-def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, positions: jax.Array,
-                layout: Layout, extend: bool = False) -> tuple[jax.Array, jax.Array]:
+def write_cache(cache: tuple, k: jax.Array, v: jax.Array, positions: jax.Array,
+                layout: Layout, extend: bool = False) -> tuple:
     """Store k, v [batch, len, kv_heads, head_dim] into one layer's cache ([batch, kv_heads, cache_len,
-    head_dim], :data:`LAYER_CACHE_AXES`) at slots ``positions``.
+    head_dim], :data:`LAYER_CACHE_AXES`) at slots ``positions``. An int8 cache (``kv_cache_dtype``)
+    holds each of k and v as (int8 values, float32 scale [batch, kv_heads, cache_len, 1]).
 
     A prefill (len > 1) fills slots 0..len-1 with one dynamic_update_slice (``extend``: slots from
     ``positions[0, 0]`` on; the caller keeps them inside the cache, which would otherwise shift the
     write); a decode step scatters each row's single token to its own slot (rows advance independently).
     """
-    out = []
     start = positions[0, 0] if extend else 0
-    for c, new in ((cache[0], k), (cache[1], v)):
+
+    def store(c, new):
         new = new.astype(c.dtype)
-        if k.shape[1] > 1:
+        if new.shape[1] > 1:
             c = jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2), (0, 0, start, 0))
         else:  # row r's [kv_heads, head_dim] to its slot positions[r]
             c = c.at[jnp.arange(c.shape[0]), :, positions[:, 0]].set(new[:, 0], mode="drop")
-        out.append(layout.constrain(c, LAYER_CACHE_AXES))
+        return layout.constrain(c, LAYER_CACHE_AXES)
+
+    out = []
+    for c, new in ((cache[0], k), (cache[1], v)):
+        out.append(tuple(map(store, c, quant.quantize_kv(new))) if isinstance(c, tuple) else store(c, new))
     return out[0], out[1]
 
 

@@ -37,6 +37,29 @@ QDTYPE = {"int8": jnp.int8, "int4": jnp.uint8}
 STORED_AS_IS = ("kernel_q", "kernel_scale", "embedding_q", "embedding_scale")  # never cast to a compute dtype
 
 
+KV_DTYPES = ("auto", "int8")  # --kv-cache-dtype: auto (the compute dtype) or int8 with a scale per token and head
+
+
+def check_kv_dtype(name: str, where: str = "--kv-cache-dtype") -> None:
+    if name not in KV_DTYPES:
+        from jaxllama.errors import ConfigError
+
+        raise ConfigError(f"{where}: {name!r} is not one of {', '.join(KV_DTYPES)}")
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys or values [..., head_dim] -> int8 values and a float32 scale [..., 1] per token and head
+    (symmetric, max |x| -> 127; an all-zero vector gets scale 1). The int8 KV cache stores these."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
 def group_size(mode: str, group: int, d_in: int) -> int:
     """The number of inputs per scale: ``group``, or all of them for 0."""
     return d_in if group == 0 else group

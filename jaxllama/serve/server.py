@@ -40,6 +40,7 @@ class ServeOptions:
     chat_template: str = "auto"
     quantize: str | None = None
     group_size: int | None = None
+    kv_cache_dtype: str = "auto"
 
 
 def check(o: ServeOptions) -> None:
@@ -59,7 +60,7 @@ def build(o: ServeOptions, say: Callable[[str], None] = lambda _: None):
 
     check(o)
     loaded = load(o.model, o.tokenizer, o.mesh, o.dtype, rules=o.rules, lora=o.lora, quantize=o.quantize,
-                  group_size=o.group_size)
+                  group_size=o.group_size, kv_cache_dtype=o.kv_cache_dtype)
     eng = loaded.engine
     context = eng.arch.max_position
     max_len = min(o.max_len or context, context)
@@ -69,7 +70,7 @@ def build(o: ServeOptions, say: Callable[[str], None] = lambda _: None):
     prog = SlotProgram(eng.arch, eng.layout, slots, max_len, chunk, eng.vocab_limit)
     ex = Executor(eng.params, prog)
     say(f"serve: {slots} slots x {max_len} positions, prompt chunks of {chunk}; KV cache "
-        f"{prog.cache_bytes() / 2**20:,.0f} MiB")
+        f"{prog.cache_bytes() / 2**20:,.0f} MiB ({'int8' if eng.arch.kv_cache_dtype == 'int8' else eng.arch.dtype})")
     sched = Scheduler(ex, o.max_queue)
     svc = Service(sched, loaded.tokenizer, list(o.names) or [o.model], loaded.chat_template, o.chat_template)
     return svc

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllama.infer.engine import constrain_cache, empty_cache
+from jaxllama.infer.engine import cache_bytes, constrain_cache, empty_cache
 from jaxllama.infer.sampling import sample_rows
 from jaxllama.model.llama import Arch, Llama
 from jaxllama.parallel.sharding import Layout
@@ -74,8 +74,7 @@ class SlotProgram:
                     counts=jnp.zeros((self.slots, v), jnp.int32))
 
     def cache_bytes(self) -> int:
-        a = self.arch
-        return 2 * a.n_layers * self.slots * self.max_len * a.n_kv_heads * a.head_dim * jnp.dtype(a.dtype).itemsize
+        return cache_bytes(self.arch, self.slots, self.max_len)
 
     def mask_vocab(self, logits: jax.Array) -> jax.Array:
         if self.vocab_limit is None:

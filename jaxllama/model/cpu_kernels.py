@@ -214,7 +214,8 @@ def qmatmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str) -> jax.Arra
 # XLA:CPU's float32 matrix-vector product reads the weights at ~10 GB/s on one core (2-core Xeon,
 # the 135M shape's matrices, profiled inside the decode step), a fifth of the memory bandwidth; and
 # a tied head ``x @ E.T`` is a transposing copy plus a dot. These kernels read each weight once,
-# on every core, in the layout it is stored in. Only while decoding (:func:`decoding`): the model's
+# on every core, in the layout it is stored in; :func:`decode_attention` does one step's attention
+# over the cache (float32 or int8) the same way. Only while decoding (:func:`decoding`): the model's
 # training and prefill products stay XLA's, and so does any sharded program (the FFI call has no
 # partitioning rule; gathered weights would cost more than the kernel saves).
 

@@ -121,7 +121,12 @@ def test_each_quantized_type_runs_in_llama_cpp_like_llama_cpps_own(exports, kind
     assert ppl <= ppl32 * (1 + PPL_RISE[kind]), (kind, ppl, ppl32)
     assert abs(ppl / ppl_lc - 1) < 0.002, (kind, ppl, ppl_lc)  # as good as llama.cpp's quantization
     assert 0 < kl <= 1.1 * kl_lc, (kind, kl, kl_lc)
-    if kind in ("q8_0", "q6_k"):
+    # Greedy text: our file generates what llama.cpp's own quantization of the model generates (16 tokens);
+    # q8_0 also f32's. At 6 bits and below a near-tie of this 4M-parameter model can flip (the fixture is
+    # trained on the machine running the tests: on one Intel Xeon, Q6_K, ours and llama.cpp's alike, put
+    # token 290 before f32's second token), so f32 equality is asked of q8_0 only.
+    assert greedy[kind] == greedy["llama.cpp " + kind]
+    if kind == "q8_0":
         assert greedy[kind][:8] == greedy["f32"][:8]
     # the same type for every tensor as llama.cpp's quantizer chooses, the file type and version it writes
     assert tensor_types(files[kind]) == tensor_types(files["llama.cpp " + kind])

@@ -269,7 +269,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),  # quant.KV_DTYPES (no jax import here)
                    help="KV cache: auto (the compute dtype) or int8 (a float32 scale per token and head: "
                         "about a quarter of float32's memory)")
 

@@ -153,11 +153,9 @@ def empty_cache(a: Arch, layout: Layout, batch: int, cache_len: int) -> tuple:
 
 
 def cache_bytes(a: Arch, batch: int, cache_len: int) -> int:
-    """Bytes of :func:`empty_cache` (int8: a float32 scale per token and head besides the values)."""
-    n = 2 * a.n_layers * batch * a.n_kv_heads * cache_len
-    if a.kv_cache_dtype == "int8":
-        return n * (a.head_dim + 4)
-    return n * a.head_dim * jnp.dtype(a.dtype).itemsize
+    """Bytes of :func:`empty_cache` (its shapes, nothing allocated)."""
+    leaves = jax.tree.leaves(jax.eval_shape(lambda: empty_cache(a, Layout(None), batch, cache_len)))
+    return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
 def constrain_cache(a: Arch, layout: Layout, cache: tuple) -> tuple:

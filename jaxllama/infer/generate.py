@@ -47,11 +47,11 @@ def load(model: str, tokenizer: str | None = None, mesh: str | None = None, dtyp
     quantized runs as stored. ``kv_cache_dtype`` int8: the KV cache holds int8 values with a scale per
     token and head (:func:`jaxllama.model.quant.quantize_kv`)."""
     from jaxllama.convert import adapters, load_model
+    from jaxllama.data.tokenizers import load_tokenizer
+    from jaxllama.model.lora import merge
     from jaxllama.model.quant import check_kv_dtype
 
     check_kv_dtype(kv_cache_dtype)
-    from jaxllama.data.tokenizers import load_tokenizer
-    from jaxllama.model.lora import merge
 
     adapter = adapters.read_adapter(lora or model) if lora or adapters.is_adapter(model) else None
     if lora or adapter is None:

@@ -5,12 +5,12 @@
 //   io: out[r, c] = sum_i x[r, i] * w[i, c]     w [in, out]: the model's kernels (Linear)
 //   oi: out[r, o] = sum_i x[r, i] * w[o, i]     w [out, in]: a tied LM head (the embedding table)
 //
-// io keeps an RB x NV-vector tile of outputs in registers and walks down the weight rows: each
-// step loads NV vectors of one weight row and multiplies them into RB rows of x (a broadcast each).
-// Outputs are split into column ranges over the threads; within a range, column blocks run one
-// after the other, every pass of x rows over a block before the next (the block's NV vectors x in
-// rows are then in L1/L2 for the second pass). oi is cpu_kernels.cc's int8 dot-product tiling with
-// float loads. Both are exact float32 FMAs: only the order of the sums differs from XLA's.
+// io splits the weight rows (inputs) over the threads, so each reads one contiguous block of the
+// matrix, and sums into a [rows, out] partial of its own (added up by the caller): four weight rows
+// at a time are multiplied into up to 4 rows of x, the outputs accumulating in L1; more rows of x
+// go over blocks of 64 weight rows, which are then in L2 for the later passes. oi is cpu_kernels.cc's
+// int8 dot-product tiling with float loads. Both are exact float32 FMAs: only the order of the sums
+// differs from XLA's.
 
 #include "cpu_kernels.h"
 
@@ -20,8 +20,7 @@ namespace {
 
 using namespace jaxllama_kernels;
 
-// Weight rows ahead to prefetch (io walks down rows, so the hardware's stream prefetchers, which
-// follow consecutive lines, see one stride per column block).
+// Weight rows ahead to prefetch (io reads four rows at a time, four streams).
 #ifndef JAXLLAMA_IO_PF_ROWS
 #define JAXLLAMA_IO_PF_ROWS 8
 #endif

@@ -365,7 +365,7 @@ class Embed(nn.Module):
         xc, table = x.astype(self.a.dtype), self.embedding.astype(self.a.dtype)
         if cpu_kernels.wanted_f32(math.prod(x.shape[:-1]), xc.dtype, table.dtype):  # CPU decoding
             return cpu_kernels.fmatmul(xc, table, "oi")
-        return jnp.dot(x.astype(self.a.dtype), self.embedding.T.astype(self.a.dtype), preferred_element_type=F32)
+        return jnp.dot(xc, table.T, preferred_element_type=F32)
 
 
 class Llama(nn.Module):

@@ -80,7 +80,8 @@ class GenerateShape:
 
 def compile_arch(cfg: Config, platform: str) -> tuple[Arch, list[str]]:
     """The architecture compiled for ``platform`` (``tpu`` or ``cpu``): ``auto`` dtype is bfloat16;
-    ``auto`` attention is splash on TPU and, on CPU, every kernel becomes the ``xla`` reference."""
+    ``auto`` attention is splash on TPU and, on CPU, the native ``cpu_flash``; other kernels become the
+    ``xla`` reference on CPU."""
     arch = target_arch(cfg)
     notes = ["model.dtype auto compiled as bfloat16 (the accelerator default)"] if cfg.model.dtype == "auto" else []
     if platform == "tpu":
@@ -88,6 +89,8 @@ def compile_arch(cfg: Config, platform: str) -> tuple[Arch, list[str]]:
         if attention not in ("splash", "xla", "dot_product"):
             raise ConfigError(f"model.attention={attention}: not a TPU kernel (use auto, splash, xla or dot_product)")
         return dataclasses.replace(arch, attention=attention), notes
+    if arch.attention == "cpu_flash":  # CPU's own kernel (auto on CPU)
+        return arch, notes
     if arch.attention != "xla":
         notes.append(f"attention compiled with the xla reference kernel (configured: {cfg.model.attention}); "
                      "its float32 [seq, seq] scores count in temp, which flash kernels avoid")

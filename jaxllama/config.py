@@ -28,7 +28,7 @@ from jaxllama.model.presets import PRESETS
 from jaxllama.parallel.mesh import AXES
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash", "cpu_flash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "wsd", "constant")
 ROPE_TYPES = ("default", "llama3")
@@ -73,7 +73,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
-    attention: str = "auto"  # auto: splash on TPU, cudnn on GPU (dot_product for float32), xla elsewhere
+    attention: str = "auto"  # auto: splash on TPU, cudnn on GPU (dot_product for float32), cpu_flash on CPU
     scan_layers: bool = True
     remat: str = "none"
 

@@ -6,6 +6,8 @@ Softmax runs in float32 whatever the compute dtype.
 
 - ``xla``: the readable reference, plain einsums.
 - ``dot_product`` / ``cudnn``: :func:`jax.nn.dot_product_attention` (XLA, or cuDNN flash on GPU).
+- ``cpu_flash``: a native blocked (flash) kernel for CPU training (``cpu_flash.cc``), forward and
+  backward, skipping the masked half; what ``auto`` picks on CPU.
 - ``splash``: the TPU Pallas splash kernel, run per shard under ``shard_map``; on CPU it runs in
   Pallas interpret mode, which is how the tests check it against the reference.
 """
@@ -172,15 +174,35 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
         out = jax.vmap(one_row)(qg, kh, vh, seg)  # [b, kv_heads, group, t, d]
         return jnp.moveaxis(out, 3, 1).reshape(q.shape)
 
+    return _per_shard(per_shard, q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes)
+
+
+def _per_shard(fn, q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes):
+    """``fn(q, k, v, segment_ids)`` (segment_ids an array) once per shard under ``shard_map``: rows split
+    over ``batch_axes``, heads over ``head_axes``, whole sequences. When KV heads are split differently
+    from query heads (e.g. kept whole on every device), K and V are repeated to the query head count
+    first, so each shard holds the KV heads of its own query heads."""
     if mesh is None or mesh.size == 1:
-        return per_shard(q, k, v, segment_ids)
-    if kv_head_axes != head_axes and k.shape[2] != h:
-        k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
+        return fn(q, k, v, segment_ids)
+    if kv_head_axes != head_axes and k.shape[2] != q.shape[2]:
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
     P = jax.sharding.PartitionSpec
     qkv = P(batch_axes, None, head_axes, None)
-    fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
-                       check_vma=False)
-    return fn(q, k, v, segment_ids)
+    call = jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv, check_vma=False)
+    return call(q, k, v, segment_ids)
+
+
+def cpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                        mesh: jax.sharding.Mesh | None = None, batch_axes=None, head_axes=None,
+                        kv_head_axes=None) -> jax.Array:
+    """The native blocked kernel for CPU training (:func:`jaxllama.model.cpu_kernels.flash_attention`),
+    once per shard; the ``xla`` reference where it does not apply (another platform, no C++ compiler, a
+    head size that is not a whole number of vectors, a query shorter than its keys)."""
+    if _platform(mesh) != "cpu" or not cpu_kernels.flash_supported(q, k):
+        return xla_attention(q, k, v, segment_ids)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    return _per_shard(cpu_kernels.flash_attention, q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array,
@@ -223,13 +245,14 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
 
 def resolve_impl(name: str, dtype: str | None = None) -> str:
     """``auto`` picks the fastest kernel for the backend in use: splash on TPU; on GPU cuDNN flash
-    attention, which takes only half-precision inputs (float32 runs XLA's ``dot_product``)."""
+    attention, which takes only half-precision inputs (float32 runs XLA's ``dot_product``); on CPU the
+    native flash kernel."""
     if name != "auto":
         return name
     backend = jax.default_backend()
     if backend == "gpu":
         return "cudnn" if dtype in (None, "bfloat16", "float16") else "dot_product"
-    return {"tpu": "splash"}.get(backend, "xla")
+    return {"tpu": "splash", "cpu": "cpu_flash"}.get(backend, "xla")
 
 
 def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -242,6 +265,8 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         return dot_product_attention(q, k, v, segment_ids, mesh=mesh)
     if impl == "cudnn":
         return dot_product_attention(q, k, v, segment_ids, implementation="cudnn")
+    if impl == "cpu_flash":
+        return cpu_flash_attention(q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes)
     if impl == "splash" and splash_supports(q.shape[1]):
         return splash_attention(q, k, v, segment_ids, mesh, batch_axes, head_axes, kv_head_axes)
     if impl == "splash":  # a length splash does not take (a short prefill): the reference, same result
@@ -249,4 +274,5 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
-__all__ = ["attend", "cached_attention", "causal_mask", "xla_attention", "dot_product_attention", "splash_attention", "resolve_impl"]
+__all__ = ["attend", "cached_attention", "causal_mask", "xla_attention", "dot_product_attention", "splash_attention",
+           "cpu_flash_attention", "resolve_impl"]

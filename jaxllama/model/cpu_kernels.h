@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -42,6 +43,24 @@ struct V {
   static T set1(float v) { return _mm512_set1_ps(v); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static float hmax(T a) { return _mm512_reduce_max_ps(a); }
+  // e^x to ~2 ulp (Cephes' polynomial after x = n ln2 + r); 0 below -87 (so e^-inf is 0).
+  static T exp(T x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    T r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    T y = _mm512_set1_ps(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+      y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(live, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+  }
   static float hsum(T a) { return _mm512_reduce_add_ps(a); }
   static T i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -76,6 +95,28 @@ struct V {
   static T set1(float v) { return _mm256_set1_ps(v); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static float hmax(T a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static T exp(T x) {  // as the AVX-512 one
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+    const T n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    T r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    T y = _mm256_set1_ps(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+      y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(live, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  }
   static float hsum(T a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -120,6 +161,11 @@ struct V {
   static T set1(float s) { T r; for (int i = 0; i < W; ++i) r.v[i] = s; return r; }
   static T fma(T a, T b, T c) { for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
   static T mul(T a, T b) { for (int i = 0; i < W; ++i) a.v[i] *= b.v[i]; return a; }
+  static T add(T a, T b) { for (int i = 0; i < W; ++i) a.v[i] += b.v[i]; return a; }
+  static T sub(T a, T b) { for (int i = 0; i < W; ++i) a.v[i] -= b.v[i]; return a; }
+  static T max(T a, T b) { for (int i = 0; i < W; ++i) a.v[i] = std::max(a.v[i], b.v[i]); return a; }
+  static float hmax(T a) { float s = a.v[0]; for (int i = 1; i < W; ++i) s = std::max(s, a.v[i]); return s; }
+  static T exp(T a) { for (int i = 0; i < W; ++i) a.v[i] = a.v[i] < -87.f ? 0.f : std::exp(a.v[i]); return a; }
   static float hsum(T a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.v[i]; return s; }
   static T i8(const int8_t* p) { T r; for (int i = 0; i < W; ++i) r.v[i] = float(p[i]); return r; }
   static void u4(const uint8_t* p, T& lo, T& hi) {

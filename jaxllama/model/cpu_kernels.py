@@ -63,12 +63,13 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_fmatmul.cc", HERE / "cpu_attention.cc")  # one library
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_fmatmul.cc", HERE / "cpu_attention.cc", HERE / "cpu_flash.cc")  # one library
 HEADERS = (HERE / "cpu_kernels.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 TARGETS = {"int8": "jaxllama_qmatmul_int8", "int4": "jaxllama_qmatmul_int4"}
 F_TARGETS = {"io": "jaxllama_fmatmul_io", "oi": "jaxllama_fmatmul_oi"}  # float32: w [in, out] / [out, in]
 ATTENTION_TARGETS = ("jaxllama_decode_attention", "jaxllama_decode_attention_int8")  # float / int8 cache
+FLASH_TARGETS = ("jaxllama_flash_forward", "jaxllama_flash_backward")  # training attention (cpu_flash.cc)
 # Rows up to which the kernel beats XLA's dequantize-then-matmul (measured on the 135M matrices,
 # 2-core EPYC, the two interleaved: 1 row 22-32x faster, 16 rows ~5x, 32 rows ~3.3x, 128 rows
 # 1.2-1.5x, 192 rows 1.04-1.34x, 256 rows 0.72-1.07x, 512 rows 0.76-0.97x).
@@ -143,7 +144,7 @@ def available() -> bool:
             return _state["ok"]
         try:
             lib = ctypes.CDLL(str(_build()))
-            for target in (*TARGETS.values(), *F_TARGETS.values(), *ATTENTION_TARGETS):
+            for target in (*TARGETS.values(), *F_TARGETS.values(), *ATTENTION_TARGETS, *FLASH_TARGETS):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
             lib.jaxllama_qmatmul_isa.restype = ctypes.c_char_p
             _state.update(ok=True, isa=lib.jaxllama_qmatmul_isa().decode(), lib=lib)
@@ -283,3 +284,65 @@ def decode_attention(q: jax.Array, k_cache, v_cache, n: jax.Array, k: jax.Array,
     call = jax.ffi.ffi_call(ATTENTION_TARGETS[int8], jax.ShapeDtypeStruct(q.shape, f32), vmap_method="sequential")
     caches = (*k_cache, *v_cache) if int8 else (k_cache.astype(f32), v_cache.astype(f32))
     return call(q.astype(f32), *caches, n.astype(jnp.int32), k.astype(f32), v.astype(f32))
+
+
+# ---- training attention ---------------------------------------------------------------------------
+# XLA:CPU runs the reference attention (attention.xla_attention) as full [t, t] score blocks, forward
+# and again in the backward, plus float32 elementwise passes over them, mostly on one core: at the
+# tiny preset's seq 1024 it is most of a train step. cpu_flash.cc is a blocked (flash) kernel that
+# skips the masked half and runs on every core.
+
+
+def flash_lanes() -> int:
+    """The kernel's float32 vector width: head_dim must be a multiple of it."""
+    return 16 if _state.get("isa") == "avx512" else 8
+
+
+def flash_supported(q: jax.Array, k: jax.Array) -> bool:
+    """Whether :func:`flash_attention` takes ``q`` [b, t, h, d] and ``k`` [b, t, kv, d]: self-attention
+    (as long as the keys), whole query groups of at most 64 heads, ``d`` a multiple of the vector
+    width, and the kernels built."""
+    b, t, h, d = q.shape
+    if k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2] or h // k.shape[2] > 64 or not available():
+        return False
+    return d % flash_lanes() == 0
+
+
+def _flash_forward(q, k, v, seg):
+    b, t, h, _ = q.shape
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(FLASH_TARGETS[0], (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct((b, h, t), f32)),
+                            vmap_method="sequential")
+    return call(q, k, v, seg)
+
+
+@jax.custom_vjp
+def _flash(q, k, v, seg):
+    return _flash_forward(q, k, v, seg)[0]
+
+
+def _flash_fwd(q, k, v, seg):
+    out, lse = _flash_forward(q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(res, d_out):
+    q, k, v, seg, out, lse = res
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call(FLASH_TARGETS[1], shapes, vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, seg, out, lse, d_out.astype(jnp.float32))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Causal grouped-query attention (``cpu_flash.cc``), differentiable: the result of
+    :func:`jaxllama.model.attention.xla_attention` for ``q`` [b, t, h, d], ``k``, ``v`` [b, t, kv, d]
+    and ``segment_ids`` [b, t] or None, computed in float32 (check :func:`flash_supported` first)."""
+    if not available():
+        raise RuntimeError(f"flash_attention: the native CPU kernels are unavailable ({_state.get('why')})")
+    f32 = jnp.float32
+    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return _flash(q.astype(f32), k.astype(f32), v.astype(f32), seg).astype(q.dtype)

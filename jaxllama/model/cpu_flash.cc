@@ -108,22 +108,27 @@ inline bool meets(const Flash& f, int64_t row, int64_t qb, int64_t kb) {
   const int64_t nb = f.nqb;
   return f.smin[row * nb + qb] <= f.smax[row * nb + kb] && f.smin[row * nb + kb] <= f.smax[row * nb + qb];
 }
-inline bool masked(const Flash& f, int64_t row, int64_t qb, int64_t kb, int64_t kn) {
+// Whether query block qb and key block kb of row `row` lie in one segment (no segment mask needed).
+inline bool one_segment(const Flash& f, int64_t row, int64_t qb, int64_t kb) {
   const int64_t nb = f.nqb;
-  const bool one_segment = f.smin[row * nb + qb] == f.smax[row * nb + qb] && f.smin[row * nb + kb] == f.smax[row * nb + kb] &&
-                           f.smin[row * nb + qb] == f.smin[row * nb + kb];
-  return !one_segment || kb * BK + BK > qb * BQ || kn < BK;
+  return f.smin[row * nb + qb] == f.smax[row * nb + qb] && f.smin[row * nb + kb] == f.smax[row * nb + kb] &&
+         f.smin[row * nb + qb] == f.smin[row * nb + kb];
 }
 
-// Masks S [qn, BK] of query rows i0.. and keys j0..j0+kn (padding columns too) to -inf.
-inline void apply_mask(const Flash& f, int64_t row, float* S, int64_t i0, int64_t qn, int64_t j0, int64_t kn) {
+// Masks S [qn, BK] of query rows i0.. and keys j0..j0+kn to -inf: keys after the query, padding
+// columns past kn, and (unless `same`: one segment) keys of another segment. A whole block below
+// the diagonal in one segment has nothing to mask.
+inline void apply_mask(const Flash& f, int64_t row, float* S, int64_t i0, int64_t qn, int64_t j0, int64_t kn, bool same) {
+  if (same && j0 + BK <= i0 && kn == BK) return;
   const int32_t* seg = f.seg + row * f.t;
   for (int64_t r = 0; r < qn; ++r) {
     const int64_t i = i0 + r;
-    for (int64_t c = 0; c < BK; ++c) {
-      const int64_t j = j0 + c;
-      if (c >= kn || j > i || seg[j] != seg[i]) S[r * BK + c] = NEG_INF;
-    }
+    const int64_t lim = std::max<int64_t>(0, std::min<int64_t>(kn, i - j0 + 1));  // keys [0, lim) are causal
+    float* s = S + r * BK;
+    if (!same)
+      for (int64_t c = 0; c < lim; ++c)
+        if (seg[j0 + c] != seg[i]) s[c] = NEG_INF;
+    std::fill(s + lim, s + BK, NEG_INF);
   }
 }
 
@@ -160,11 +165,11 @@ void forward_units(const Problem& p, int64_t u0, int64_t u1) {
       load_keys(f, f.k, row, kvh, j0, kn, f.scale, Kt, nullptr);
       for (int64_t c = 0; c < BK; ++c)
         for (int64_t e = 0; e < d; ++e) Vb[c * d + e] = c < kn ? f.v[krow(f, row, j0 + c, kvh) + e] : 0.f;
-      const bool mask = masked(f, row, qb, kb, kn);
+      const bool same = one_segment(f, row, qb, kb);
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t head = kvh * g + gi;
         gemm<false, true>(qn, BK, d, f.q + qrow(f, row, i0, head), ld, Kt, BK, S, BK);
-        if (mask) apply_mask(f, row, S, i0, qn, j0, kn);
+        apply_mask(f, row, S, i0, qn, j0, kn, same);
         float *Og = O + gi * BQ * d, *Mg = M + gi * BQ, *Lg = L + gi * BQ;
         for (int64_t r = 0; r < qn; ++r) {
           float* s = S + r * BK;
@@ -235,13 +240,13 @@ void backward_units(const Problem& p, int64_t u0, int64_t u1) {
       for (int64_t qb = j0 / BQ; qb < f.nqb; ++qb) {
         if (!meets(f, row, qb, kb)) continue;
         const int64_t i0 = qb * BQ, qn = std::min(BQ, t - i0);
-        const bool mask = masked(f, row, qb, kb, kn);
+        const bool same = one_segment(f, row, qb, kb);
         for (int64_t gi = 0; gi < g; ++gi) {
           const int64_t head = kvh * g + gi;
           const float *Q = f.q + qrow(f, row, i0, head), *dO = f.dout + qrow(f, row, i0, head);
           const float* lse = f.lse_in + (row * f.h + head) * t + i0;
           gemm<false, true>(qn, BK, d, Q, ld, Kt, BK, P, BK);  // scores
-          if (mask) apply_mask(f, row, P, i0, qn, j0, kn);
+          apply_mask(f, row, P, i0, qn, j0, kn, same);
           for (int64_t r = 0; r < qn; ++r) {
             const typename V::T l = V::set1(lse[r]);
             for (int64_t c = 0; c < BK; c += W) V::store(P + r * BK + c, V::exp(V::sub(V::load(P + r * BK + c), l)));

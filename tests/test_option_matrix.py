@@ -41,7 +41,8 @@ FACTORS: dict[str, list[str]] = {
     "model.scan_layers": ["true", "false"],
     "model.remat": ["none", "full", "save_dots"],
     "train.grad_accum": ["1", "2"],
-    "model.attention": ["xla", "dot_product", "splash"],  # splash: the Pallas kernel, interpreted on CPU
+    # splash: the Pallas kernel, interpreted on CPU; cpu_flash: the native CPU kernel (what auto picks here)
+    "model.attention": ["xla", "dot_product", "splash", "cpu_flash"],
     # one slice, and multi-slice (DCN) meshes splitting each axis across slices
     "mesh": ["fsdp=8", "dcn_data=2,fsdp=2,tensor=2", "data=2,dcn_fsdp=2,dcn_tensor=2"],
     "model.dtype": ["float32", "bfloat16", "float16"],
@@ -66,6 +67,8 @@ AGREE = [
      "model.attention": "dot_product", "mesh": "dcn_data=2,fsdp=2,tensor=2"},
     {**REFERENCE, "model.scan_layers": "false", "model.remat": "full", "model.attention": "splash",
      "mesh": "data=2,dcn_fsdp=2,dcn_tensor=2"},
+    {**REFERENCE, "model.remat": "save_dots", "train.grad_accum": "2", "model.attention": "cpu_flash",
+     "mesh": "dcn_data=2,fsdp=2,tensor=2"},
 ]
 
 

@@ -128,6 +128,10 @@ def build_program(cfg: Config, devices: list | int | None = None, arch: Arch | N
     if arch.attention == "cudnn" and platform not in (None, "gpu"):
         raise ConfigError(f"model.attention=cudnn needs a GPU (cuDNN flash attention), but this program runs on "
                           f"{platform} devices; use auto, xla or dot_product")
+    if arch.attention == "cpu_flash" and platform not in (None, "cpu") and cfg.model.attention == "auto":
+        # auto resolved for this host's CPU backend, but the mesh is another platform's (TPU devices
+        # from a CPU host): the reference, as before the CPU kernel existed
+        arch = dataclasses.replace(arch, attention="xla")
     if arch.attention == "cpu_flash" and platform not in (None, "cpu"):
         raise ConfigError(f"model.attention=cpu_flash is the CPU kernel, but this program runs on {platform} "
                           f"devices; use auto, xla or dot_product")

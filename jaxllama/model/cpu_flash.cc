@@ -132,14 +132,15 @@ inline void apply_mask(const Flash& f, int64_t row, float* S, int64_t i0, int64_
   }
 }
 
-// Key block kb of head kvh transposed and scaled into Kt [d, BK], zero padded past kn keys; and
-// (when Kb) the block itself [BK, d] (times `mul`), zero padded.
+// Key (or value) block kb of head kvh, zero padded past kn keys: (when Kt) transposed and times `mul`
+// into Kt [d, BK]; (when Kb) as it is into Kb [BK, d].
 inline void load_keys(const Flash& f, const float* src, int64_t row, int64_t kvh, int64_t j0, int64_t kn, float mul,
                       float* Kt, float* Kb) {
   const int64_t d = f.d;
   for (int64_t c = 0; c < BK; ++c) {
     const float* x = c < kn ? src + krow(f, row, j0 + c, kvh) : nullptr;
-    for (int64_t e = 0; e < d; ++e) Kt[e * BK + c] = x ? x[e] * mul : 0.f;
+    if (Kt)
+      for (int64_t e = 0; e < d; ++e) Kt[e * BK + c] = x ? x[e] * mul : 0.f;
     if (Kb)
       for (int64_t e = 0; e < d; ++e) Kb[c * d + e] = x ? x[e] : 0.f;
   }
@@ -163,8 +164,7 @@ void forward_units(const Problem& p, int64_t u0, int64_t u1) {
       if (!meets(f, row, qb, kb)) continue;
       const int64_t j0 = kb * BK, kn = std::min(BK, f.t - j0);
       load_keys(f, f.k, row, kvh, j0, kn, f.scale, Kt, nullptr);
-      for (int64_t c = 0; c < BK; ++c)
-        for (int64_t e = 0; e < d; ++e) Vb[c * d + e] = c < kn ? f.v[krow(f, row, j0 + c, kvh) + e] : 0.f;
+      load_keys(f, f.v, row, kvh, j0, kn, 1.f, nullptr, Vb);
       const bool same = one_segment(f, row, qb, kb);
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t head = kvh * g + gi;

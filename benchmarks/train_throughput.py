@@ -23,7 +23,13 @@ import os
 import sys
 import time
 
-import jax
+# Before numpy and JAX start threads, as the `jaxllama` command does (jaxllama/host_malloc.py); the
+# transformers step runs in this process with the same setting, MaxText's subprocess gets it as env.
+from jaxllama.host_malloc import ENV as MALLOC_ENV, keep_freed_memory
+
+keep_freed_memory()
+
+import jax  # noqa: E402
 import numpy as np
 
 from jaxllama.config import load_config
@@ -62,7 +68,7 @@ def bench_maxtext(python: str, seq_len: int, batch: int, warmup: int, steps: int
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maxtext_step.py")
     proc = subprocess.run([python, script, "--seq-len", str(seq_len), "--batch", str(batch), "--steps", str(steps),
                            "--warmup", str(warmup)], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=1800)
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **MALLOC_ENV), timeout=1800)
     if proc.returncode:
         raise SystemExit(f"maxtext_step.py failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -470,7 +470,18 @@ def entry() -> None:
     """The console script: :func:`main`, then exit. After Ctrl-C the process ends at once (stdio
     flushed) instead of running the interpreter's shutdown, which could crash (SIGSEGV) finalizing
     JAX's and the input pipeline's native threads mid-work. Checkpoints are unaffected: a save cut
-    short stays a temporary folder that resume skips."""
+    short stays a temporary folder that resume skips.
+
+    Before anything starts a thread, host ``malloc`` is told to keep freed memory on CPU-only hosts
+    (:mod:`jaxllama.host_malloc`: XLA:CPU's per-step temporaries are otherwise page-faulted in anew
+    every step). Here and not in :func:`main`, which tests call inside their own process."""
+    from jaxllama.host_malloc import keep_freed_memory
+
+    try:
+        keep_freed_memory()
+    except ConfigError as e:
+        print(f"jaxllama: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     code = main()
     if code != 0:  # failed or interrupted: skip interpreter shutdown, where half-stopped native and
         # checkpoint threads print tracebacks of their own after our one line

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -50,12 +51,15 @@ def jaxllama_runner(cfg, warmup: int, steps: int):
         for i in range(warmup):
             metrics = trainer.step(batches[i % 2])
         jax.block_until_ready(metrics)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for i in range(steps):
             metrics = trainer.step(batches[i % 2])
         jax.block_until_ready((metrics, trainer.state))
         elapsed = time.perf_counter() - start
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
         return dict(tokens_per_s=steps * cfg.data.global_batch * cfg.data.seq_len / elapsed, compile_s=compile_s,
+                    page_faults_per_step=faults,
                     final_loss=float(metrics["loss"]), arch=trainer.arch, devices=trainer.layout.mesh.size)
 
     return run
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                   flops_per_token=flops, rounds=args.rounds, jaxllama_tokens_per_s=round(ours_tps, 1),
                   jaxllama_rounds=[round(r["ours"]["tokens_per_s"], 1) for r in rounds],
                   jaxllama_mfu=round(ours_tps / n * flops / peak, 4) if peak else None,
-                  jaxllama_compile_s=round(ours["compile_s"], 2))
+                  jaxllama_compile_s=round(ours["compile_s"], 2),
+                  jaxllama_page_faults_per_step=[round(r["ours"]["page_faults_per_step"]) for r in rounds])
     if args.torch:
         theirs = med([r["torch"]["tokens_per_s"] for r in rounds])
         host_peak = peak * jax.local_device_count() if jax.default_backend() == "cpu" else peak

@@ -74,7 +74,9 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     attention: str = "auto"  # auto: splash on TPU, cudnn on GPU (dot_product for float32), cpu_flash on CPU
-    scan_layers: bool = True
+    # None: the preset's: scan (one compiled layer, compile time flat in depth) except `tiny`, whose 4
+    # layers are unrolled: as quick to compile, and on CPU the scan's stacked residuals cost ~7% a step.
+    scan_layers: bool | None = None
     remat: str = "none"
 
 
@@ -382,7 +384,8 @@ def resolve_model(m: ModelConfig) -> None:
     if m.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {short(m.preset)}; choose one of {', '.join(PRESETS)}")
     preset = {**dict(rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                     rope_original_max_position=8192, tie_embeddings=False, head_dim=None), **PRESETS[m.preset]}
+                     rope_original_max_position=8192, tie_embeddings=False, head_dim=None,
+                     scan_layers=True), **PRESETS[m.preset]}
     for name, value in preset.items():
         if getattr(m, name) is None:
             setattr(m, name, value)

@@ -36,3 +36,14 @@ def test_tiny_is_a_few_million_parameters():
     a = Arch.from_config(load_config(None, ["model.preset=tiny"]).model)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(a)))
     assert 1_000_000 < n < 10_000_000
+
+
+@pytest.mark.parametrize("preset", [*PUBLISHED, "debug"])
+def test_scan_layers_follows_the_preset_unless_set(preset):
+    """Every preset scans its layers except tiny (4 layers, unrolled: quicker on CPU, as quick to
+    compile); an explicit model.scan_layers wins either way."""
+    resolved = load_config(None, [f"model.preset={preset}"]).model.scan_layers
+    assert resolved is True
+    assert load_config(None, [f"model.preset={preset}", "model.scan_layers=false"]).model.scan_layers is False
+    assert load_config(None, ["model.preset=tiny"]).model.scan_layers is False
+    assert load_config(None, ["model.preset=tiny", "model.scan_layers=true"]).model.scan_layers is True

@@ -95,7 +95,8 @@ def test_train_cost_extrapolation_equals_the_fully_unrolled_program():
     target = TpuTarget.parse("v5e-1")
     devices = target_devices(target)
     base = ["model.preset=tiny", "model.attention=xla", "model.dtype=bfloat16", "data.seq_len=256",
-            "data.global_batch=4", "train.loss_chunk=64"]  # 4 loss chunks, each rematerialized
+            "data.global_batch=4", "train.loss_chunk=64",  # 4 loss chunks, each rematerialized
+            "model.scan_layers=true"]  # tiny's default is unrolled
     cfg = load_config(None, base)
     from jaxllama.compile_check import compile_arch
     from jaxllama.program import build_program

@@ -3,7 +3,8 @@
     python benchmarks/train_throughput.py --preset tiny --seq-len 128 --batch 16 --torch
 
 With ``--torch`` the same architecture (Hugging Face ``LlamaForCausalLM``, PyTorch, AdamW) trains
-on the same batch shape in the same process, so the two figures share the machine's state. Both
+on the same batch shape in a subprocess started by this run, so the two figures share the machine's
+state but not a heap. Every process gets the host-malloc setting of ``jaxllama/host_malloc.py``. Both
 MFUs use ARCHITECTURE.md's FLOPs per token and the same peak; ``ratio`` = jaxllama / torch tokens/s.
 With ``--maxtext PYTHON`` MaxText's own train step (``benchmarks/maxtext_step.py``, run by that
 Python: MaxText needs 3.12 and its own venv; the ``tiny`` shapes only) is timed in the same run.
@@ -78,6 +79,21 @@ def bench_maxtext(python: str, seq_len: int, batch: int, warmup: int, steps: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bench_torch_process(args) -> dict:
+    """:func:`bench_torch` in a fresh interpreter (this script with ``--torch-only``): PyTorch gets an
+    allocator and thread pools of its own, as MaxText does, instead of sharing jaxllama's heap (whose
+    fragmentation by the other framework's tensors cost the next round up to 11k page faults a step)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-only", "--preset", args.preset, "--seq-len",
+           str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           *args.overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV), timeout=1800)
+    if proc.returncode:
+        raise SystemExit(f"--torch-only failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_torch(arch, seq_len: int, batch: int, warmup: int, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -119,10 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch", action="store_true", help="also train HF transformers (PyTorch) in this run")
     p.add_argument("--maxtext", metavar="PYTHON", help="also time MaxText's step with this interpreter (its venv)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every framework (medians)")
+    p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # bench_torch_process's child
     p.add_argument("overrides", nargs="*", help="jaxllama config overrides")
     args = p.parse_args(argv)
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}",
                              f"data.global_batch={args.batch}", "optim.warmup_steps=0", *args.overrides])
+    if args.torch_only:
+        from jaxllama.model.llama import Arch
+
+        print(json.dumps(bench_torch(Arch.from_config(cfg.model), args.seq_len, args.batch, args.warmup, args.steps)))
+        return
     if args.maxtext and args.preset != "tiny":
         raise SystemExit("--maxtext: benchmarks/maxtext_step.py builds the tiny preset's shapes only")
     peak, peak_src = peak_flops_per_device(cfg.train.peak_flops)
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         r = dict(ours=run_ours())
         if args.torch:
-            r["torch"] = bench_torch(r["ours"]["arch"], args.seq_len, args.batch, args.warmup, args.steps)
+            r["torch"] = bench_torch_process(args)
         if args.maxtext:
             r["maxtext"] = bench_maxtext(args.maxtext, args.seq_len, args.batch, args.warmup, args.steps)
         rounds.append(r)

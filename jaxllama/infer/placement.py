@@ -107,15 +107,20 @@ def quantized_arch(a: Arch, mode: str, group: int | None = None) -> Arch:
 
 def quantize_for_inference(params: Any, a: Arch, layout: Layout, mode: str,
                            group: int | None = None) -> tuple[Any, Arch]:
-    """Float params placed for ``a`` -> (quantized params in their shards, the quantized arch). The
+    """Float params placed for ``a`` -> (quantized params in their shards, the quantized arch). ``params``
+    may be the canonical (stacked) tree or the unrolled one ``Llama(a)`` takes; the result keeps it. The
     quantization runs jitted in the shards (each device quantizes its own slice; the scales take their
     kernel's output sharding); the float copy is freed when the caller drops it."""
     qa = quantized_arch(a, mode, group)
     if qa is a:
         return params, a
-    from jaxllama.model.llama import model_params
+    from jaxllama.model.llama import unstack_layers
 
-    shardings = model_params(param_shardings(qa, layout), qa) if layout.mesh is not None else None
+    shardings = None
+    if layout.mesh is not None:  # the tree ``params`` comes in: canonical (eval) or the model's (generate)
+        shardings = param_shardings(dataclasses.replace(qa, scan_layers=True), layout)
+        if "layers" not in params:
+            shardings = unstack_layers(shardings, qa.n_layers)
     fn = jax.jit(lambda t: quant.quantize_tree(t, qa.quantize, qa.quant_group, embedding=True),
                  out_shardings=shardings)
     return fn(params), qa

@@ -111,6 +111,32 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
         np.testing.assert_allclose(g1, g2, atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [8, 32])
+def test_cross_entropy_and_its_gradients_equal_torch(chunk):
+    """The loss's own backward (one pass: softmax - onehot) against PyTorch's autograd of
+    ``F.cross_entropy`` plus the z-loss term, both gradients (hidden states and head kernel)."""
+    import torch
+
+    r = np.random.default_rng(1)
+    h, w = r.standard_normal((3, 32, 16)).astype(np.float32), r.standard_normal((16, 70)).astype(np.float32)
+    tgt, mask = r.integers(0, 70, (3, 32)), (r.random((3, 32)) > 0.3).astype(np.float32)
+
+    def ours(h, w):
+        nll, z = chunked_cross_entropy(h, w, jnp.asarray(tgt), jnp.asarray(mask), chunk, jnp.float32)
+        return nll + 0.25 * z
+
+    th, tw = torch.tensor(h, requires_grad=True), torch.tensor(w, requires_grad=True)
+    logits = (th @ tw).reshape(-1, 70)
+    tm = torch.tensor(mask).reshape(-1)
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(tgt).reshape(-1), reduction="none")
+    theirs = (nll * tm).sum() + 0.25 * (torch.logsumexp(logits, -1) ** 2 * tm).sum()
+    theirs.backward()
+    value, grads = jax.value_and_grad(ours, (0, 1))(jnp.asarray(h), jnp.asarray(w))
+    np.testing.assert_allclose(value, theirs.item(), rtol=1e-5)
+    np.testing.assert_allclose(grads[0], th.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[1], tw.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_loss_chunk_never_builds_full_logits_for_big_vocabularies():
     assert loss_chunk_size(4096, 128256) == 128  # 128 x 128256 floats per row, not 4096 x 128256
     assert loss_chunk_size(128, 2048) == 128

@@ -257,23 +257,25 @@ class Attention(nn.Module):
         return out if cache is None else (out, cache)
 
 
-@jax.custom_vjp
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x @ kernel for x [..., in]. The kernel's gradient is computed as one 2-D matmul,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, kernel: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """x @ kernel for x [..., in] (``out_dtype``: the product's, e.g. float32 logits from bfloat16
+    operands). The kernel's gradient is computed as one 2-D matmul,
     ``x2d.T @ dy2d`` over all tokens: XLA:CPU otherwise lays the [tokens, out] gradient out transposed
     with a slow strided copy before the matmul (a quarter of the CPU step time; the same math, and
     on TPU/GPU the same program once XLA folds the transpose into the matmul)."""
-    return jnp.dot(x, kernel)
+    return jnp.dot(x, kernel, preferred_element_type=out_dtype)
 
 
-def _dense_fwd(x, kernel):
-    return dense(x, kernel), (x, kernel)
+def _dense_fwd(x, kernel, out_dtype=None):
+    return dense(x, kernel, out_dtype), (x, kernel)
 
 
-def _dense_bwd(res, g):
+def _dense_bwd(out_dtype, res, g):
     x, kernel = res
+    g = g.astype(x.dtype)
     dx = jnp.dot(g, kernel.T)
-    dk = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    dk = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1])).astype(kernel.dtype)
     return dx, dk
 
 

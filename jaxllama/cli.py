@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
+from jaxllama import interrupts
 from jaxllama.errors import ConfigError, JaxllamaError
 
 EPILOG = "overrides: dotted key=value pairs, e.g. model.preset=llama3-8b mesh.fsdp=-1 train.steps=100 optim.lr=3e-4"
@@ -413,29 +412,9 @@ def _skip_absent_tpu() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def _second_interrupt_exits() -> None:
-    """Ctrl-C once: KeyboardInterrupt, so the run finishes what it must (a save in flight) and says so.
-    Ctrl-C again while it does: exit at once, one line, no tracebacks from half-stopped threads (a save
-    cut short is a temporary folder that resume skips)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def now(signum, frame) -> None:
-        print("jaxllama: interrupted again: exiting now", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(INTERRUPTED)
-
-    def first(signum, frame) -> None:
-        signal.signal(signal.SIGINT, now)
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, first)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _second_interrupt_exits()
+    interrupts.install()  # Ctrl-C once: a clean stop (a save in flight finishes); twice: exit at once
     debug = "--debug" in argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _skip_absent_tpu()
@@ -460,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("jaxllama: interrupted", file=sys.stderr)
-        return INTERRUPTED
-
-
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+        return interrupts.INTERRUPTED
 
 
 def entry() -> None:

@@ -4,6 +4,7 @@ loss after a resume, SIGTERM before the first step, Ctrl-C twice, duplicated met
 ``--max-new-tokens``, ``eval`` overrides after its options."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -227,3 +228,21 @@ def test_an_unwritable_checkpoint_dir_is_one_line(tmp_path):
                         f"checkpoint.dir={tmp_path / 'file' / 'ck'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"jaxllama: error: checkpoint.dir {tmp_path / 'file' / 'ck'}: cannot create it (Not a directory)"], r.stderr
+
+
+def test_first_ctrl_c_inside_deferred_is_raised_when_the_block_ends():
+    """A Ctrl-C while Orbax is handed a save (or waited for) is held until that returns: raised inside
+    Orbax's wait it was logged with a library traceback and left the save's finalize thread behind."""
+    from jaxllama import interrupts
+
+    old = signal.signal(signal.SIGINT, interrupts._first)
+    try:
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here and must not raise
+                finished = True
+        assert finished and signal.getsignal(signal.SIGINT) is interrupts._now  # a second one exits at once
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -32,6 +32,7 @@ from jaxllama.checkpoint.params import CHECKSUMS, MODEL, PARAMS, as_path, check_
     drop_abandoned_reads, recorded_checksums
 from jaxllama.config import SHAPE_FIELDS, CheckpointConfig, Config
 from jaxllama.errors import ConfigError, RunError, first_line
+from jaxllama.interrupts import deferred
 
 OPT_STATE, TRAIN, DATA = "opt_state", "train", "data"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -95,7 +96,8 @@ class TrainCheckpoints:
                                           OPT_STATE: tree_checksums(state.opt_state)}),
         })
         try:
-            self.mngr.save(step, args=args, force=True)  # also reports the previous save's failure, if any
+            with deferred():  # Ctrl-C here: the save is handed over whole, then the run stops
+                self.mngr.save(step, args=args, force=True)  # also reports the previous save's failure, if any
         except Exception as e:  # noqa: BLE001 - a failed write (disk full, permissions): one line, older steps kept
             raise self._save_failed(e) from None
         blocked = time.perf_counter() - start
@@ -106,8 +108,9 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         try:
-            self.mngr.wait_until_finished()
-            self.mngr.close()
+            with deferred():  # Ctrl-C while a save finishes: it still finishes (Ctrl-C again: exit now)
+                self.mngr.wait_until_finished()
+                self.mngr.close()
         except Exception as e:  # noqa: BLE001 - the last save failed in the background
             raise self._save_failed(e) from None
 

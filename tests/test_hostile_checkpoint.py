@@ -246,3 +246,34 @@ def test_first_ctrl_c_inside_deferred_is_raised_when_the_block_ends():
         assert finished and signal.getsignal(signal.SIGINT) is interrupts._now  # a second one exits at once
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_first_ctrl_c_landing_in_a_gc_callback_is_delivered_again():
+    """Python prints and drops an exception raised in a gc callback (JAX registers one): a Ctrl-C that
+    landed there was lost, and `generate` ran to the end and exited 0 (seen in the suite)."""
+    import functools
+    import gc
+
+    from jaxllama import interrupts
+
+    old, old_hook = signal.signal(signal.SIGINT, interrupts._first), sys.unraisablehook
+    sys.unraisablehook = functools.partial(interrupts._redeliver, previous=old_hook)
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs inside the callback, whose exception Python drops
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            for _ in range(100):
+                time.sleep(0.01)
+        assert fired and signal.getsignal(signal.SIGINT) is interrupts._now
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = old_hook

@@ -41,7 +41,7 @@ exit $rc
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_SLURM_DIR/scontrol.calls"
 """
-ARGS = ["model.preset=tiny", "data.seq_len=64", "data.global_batch=8", "train.steps=24", "train.log_every=1",
+ARGS = ["model.preset=debug", "data.source=synthetic", "data.seq_len=32", "data.global_batch=8", "train.steps=24", "train.log_every=1",
         "mesh.data=2", "mesh.fsdp=4", "checkpoint.every=0", "train.progress=false"]
 
 

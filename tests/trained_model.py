@@ -9,7 +9,8 @@ as K-quants need) on the built-in ``stdlib`` corpus: seq_len 64, global batch 8,
 
 Cost on the 2-core CPU machine (2026-12): about 40 s (~15 s of start-up and compiling, ~20 s for the
 100 steps, 1 s for the checkpoint), plus ~15 s for the stdlib demo tokenizer if this test session has
-not trained it yet; the loss falls from ~7.6 (ln 2048) to about 5.1. Trained once per test session.
+not trained it yet; the loss falls from ~7.6 (ln 2048) to about 5.1. Trained once per test session
+(once per run under pytest-xdist, whose workers share it).
 
 ``train_tiny(dir)`` is the same as a plain function (benchmarks reuse it): trains into ``dir/run`` and
 returns that path, or returns it at once when a finished run is already there.
@@ -17,6 +18,8 @@ returns that path, or returns it at once when a finished run is already there.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -45,5 +48,11 @@ def train_tiny(root: str | Path, out=lambda _: None) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory) -> Path:
-    """The run dir of the tiny model trained on the stdlib corpus (see the module docstring)."""
-    return train_tiny(tmp_path_factory.mktemp("trained_tiny"))
+    """The run dir of the tiny model trained on the stdlib corpus (see the module docstring). Under
+    pytest-xdist the workers of one run share it: the first trains it, the others wait on the lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, above each worker's own
+    with open(root / "trained_tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return train_tiny(root / "trained_tiny")

@@ -303,7 +303,7 @@ def llama_cpp_forward(llm):
 def score(batches, forwards: dict, reference: str) -> dict:
     """Per forward: summed NLL of the targets under the loss mask, tokens, and against ``reference``'s
     next-token distributions the summed KL(reference || it) and top-1 agreement."""
-    acc = {k: dict(nll_sum=0.0, tokens=0, kl_sum=0.0, top1_same=0, seconds=0.0) for k in forwards}
+    acc = {k: dict(nll_sum=0.0, tokens=0, kl_sum=0.0, top1_same=0, ent_sum=0.0, seconds=0.0) for k in forwards}
     for b in batches:
         mask = b["loss_mask"] > 0
         if not mask.any():
@@ -321,10 +321,33 @@ def score(batches, forwards: dict, reference: str) -> dict:
             a["tokens"] += int(tgt.size)
             a["kl_sum"] += float((np.exp(ref) * (ref - lp)).sum())
             a["top1_same"] += int((lp.argmax(1) == ref.argmax(1)).sum())
+            a["ent_sum"] -= float((np.exp(lp) * lp).sum())
     for a in acc.values():
         a.update(perplexity=float(np.exp(a["nll_sum"] / a["tokens"])), kl=a["kl_sum"] / a["tokens"],
-                 top1=a["top1_same"] / a["tokens"])
+                 top1=a["top1_same"] / a["tokens"], entropy=a["ent_sum"] / a["tokens"])
     return acc
+
+
+TEMPERATURES = (0.95, 0.98, 1.0, 1.01, 1.02, 1.05, 1.1)
+
+
+def temperature_scan(batches, forward) -> dict:
+    """Perplexity of ``forward``'s distributions sharpened or flattened by a temperature T (log-probs / T,
+    renormalized): where T > 1 scores better, the model is over-confident on this text, and any change
+    that flattens its distributions (noise in the logits) lowers perplexity without being closer to it."""
+    nll, tokens = dict.fromkeys(TEMPERATURES, 0.0), 0
+    for b in batches:
+        mask = b["loss_mask"] > 0
+        if not mask.any():
+            continue
+        lp, tgt = np.asarray(forward(b), np.float64)[mask], b["targets"][mask]
+        tokens += int(tgt.size)
+        for t in TEMPERATURES:
+            z = lp / t
+            m = z.max(1, keepdims=True)
+            log_norm = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+            nll[t] -= float((z[np.arange(tgt.size), tgt] - log_norm).sum())
+    return {t: float(np.exp(v / tokens)) for t, v in nll.items()}
 
 
 def llama_quantize(src: Path, dst: Path, name: str) -> None:
@@ -432,7 +455,9 @@ def main() -> int:
     n_segments = sum(1 for b in batches for _ in segments(b))
     assert int(sum(b["loss_mask"].sum() for b in batches)) == n_targets
     say(f"{len(batches)} batches, {n_segments:,} segments, {n_targets:,} scored targets (= evaluate's)")
-    jax_scores = score(batches, jaxllama_forwards(run, data, theirs_files), "float32")
+    jax_forwards = jaxllama_forwards(run, data, theirs_files)
+    jax_scores = score(batches, jax_forwards, "float32")
+    calibration = temperature_scan(batches, jax_forwards["float32"])
     for name, want in [*ours.items(), *on_theirs.items()]:  # the forward here is evaluate's: the same NLL
         got = jax_scores[name]["nll_sum"]
         assert abs(got / want["nll_sum"] - 1) < 1e-5 and jax_scores[name]["tokens"] == n_targets, (name, got, want)
@@ -453,17 +478,17 @@ def main() -> int:
 
     def row(engine, fmt, r, ref, f32=False, **extra):
         return dict(engine=engine, format=fmt, perplexity=r["perplexity"], nll_sum=r["nll_sum"], tokens=n_targets,
-                    delta=None if f32 else r["perplexity"] / ref - 1, **extra)
+                    delta=None if f32 else r["perplexity"] / ref - 1, entropy=r.get("entropy"), **extra)
 
     for name, _, _ in OURS:
         f32 = name == "float32"
-        rows.append(row("jaxllama", "float32 (the run)" if f32 else name, ours[name], base, f32,
+        rows.append(row("jaxllama", "float32 (the run)" if f32 else name, {**jax_scores[name], **ours[name]}, base, f32,
                         kl=None if f32 else jax_scores[name]["kl"], top1=None if f32 else jax_scores[name]["top1"]))
     for name, _, _ in DIAGNOSIS:
         rows.append(row("jaxllama (diagnosis)", name, jax_scores[name], base, kl=jax_scores[name]["kl"],
                         top1=jax_scores[name]["top1"]))
     for name, r in on_theirs.items():
-        rows.append(row("jaxllama", f"{name} (as {r['quantize']}/{r.get('group_size')})", r, base,
+        rows.append(row("jaxllama", f"{name} (as {r['quantize']}/{r.get('group_size')})", {**jax_scores[name], **r}, base,
                         kl=jax_scores[name]["kl"], top1=jax_scores[name]["top1"]))
     for name, path in files.items():
         r, f32 = cpp_scores[name], name.startswith("f32")
@@ -496,6 +521,10 @@ def main() -> int:
     print()
     for k, (v, ok) in goals.items():
         print(f"- {k}: {v} -> {'met' if ok else 'NOT met'}")
+    print("- mean next-token entropy (nats; higher = flatter): " + "; ".join(
+        f"{r['engine']} {r['format']} {r['entropy']:.4f}" for r in rows))
+    print("- float32 perplexity at temperature T (the model's own calibration): "
+          + ", ".join(f"T={t}: {p:.4f}" for t, p in calibration.items()))
     print("- our GGUF exports' tensors (names, types, bytes) = llama.cpp's quantization of our f32 file: "
           + ", ".join(f"{q} {'identical' if same else 'DIFFERENT'}" for q, same in identical.items()))
     total = time.perf_counter() - t0
@@ -504,7 +533,7 @@ def main() -> int:
           f"{n_targets:,} scored tokens in {n_segments:,} segments; total {total:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(train=info, heldout=held, rows=rows, f32_gap=f32_gap,
-                                                   identical_exports=identical,
+                                                   identical_exports=identical, calibration=calibration,
                                                    goals={k: dict(value=v, met=ok) for k, (v, ok) in goals.items()},
                                                    seconds=total), indent=1))
     return 0

@@ -17,6 +17,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 pytest_plugins = ["trained_model"]  # the session fixture trained_tiny: a small model trained for real
 
 
+# The slowest files (a minute or more each on 2 cores), started first: under pytest-xdist (--dist
+# loadfile) a worker takes the next file when it finishes one, so a slow file collected last (the
+# alphabet put test_tpu_compile.py there) left the other worker idle for its last minutes.
+SLOW_FILES = ("test_tpu_compile.py", "test_option_matrix.py", "test_dpo.py", "test_lora.py", "test_multiprocess.py",
+              "test_launch_slurm.py", "test_checkpoint_signals.py", "test_train_loop.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept within
+
+
 def pytest_configure(config):
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set too late?)"
 

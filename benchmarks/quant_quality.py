@@ -300,10 +300,17 @@ def llama_cpp_forward(llm):
     return run
 
 
-def score(batches, forwards: dict, reference: str) -> dict:
-    """Per forward: summed NLL of the targets under the loss mask, tokens, and against ``reference``'s
-    next-token distributions the summed KL(reference || it) and top-1 agreement."""
+TEMPERATURES = (0.95, 0.98, 1.0, 1.01, 1.02, 1.05, 1.1)
+
+
+def score(batches, forwards: dict, reference: str, temperatures: tuple = ()) -> dict:
+    """Per forward: summed NLL of the targets under the loss mask, tokens, mean entropy, and against
+    ``reference``'s next-token distributions the summed KL(reference || it) and top-1 agreement.
+    ``temperatures``: also the reference's perplexity with its log-probs divided by each T (renormalized),
+    under ``acc[reference]["calibration"]``: where T > 1 scores better the model is over-confident on this
+    text, and any change that flattens its distributions lowers perplexity without being closer to it."""
     acc = {k: dict(nll_sum=0.0, tokens=0, kl_sum=0.0, top1_same=0, ent_sum=0.0, seconds=0.0) for k in forwards}
+    t_nll = dict.fromkeys(temperatures, 0.0)
     for b in batches:
         mask = b["loss_mask"] > 0
         if not mask.any():
@@ -315,6 +322,11 @@ def score(batches, forwards: dict, reference: str) -> dict:
             logp[k] = np.asarray(f(b), np.float64)[mask]
             acc[k]["seconds"] += time.perf_counter() - t
         ref = logp[reference]
+        for temp in temperatures:
+            z = ref / temp
+            m = z.max(1, keepdims=True)
+            log_norm = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+            t_nll[temp] -= float((z[np.arange(tgt.size), tgt] - log_norm).sum())
         for k, lp in logp.items():
             a = acc[k]
             a["nll_sum"] -= float(lp[np.arange(tgt.size), tgt].sum())
@@ -325,29 +337,8 @@ def score(batches, forwards: dict, reference: str) -> dict:
     for a in acc.values():
         a.update(perplexity=float(np.exp(a["nll_sum"] / a["tokens"])), kl=a["kl_sum"] / a["tokens"],
                  top1=a["top1_same"] / a["tokens"], entropy=a["ent_sum"] / a["tokens"])
+    acc[reference]["calibration"] = {t: float(np.exp(v / acc[reference]["tokens"])) for t, v in t_nll.items()}
     return acc
-
-
-TEMPERATURES = (0.95, 0.98, 1.0, 1.01, 1.02, 1.05, 1.1)
-
-
-def temperature_scan(batches, forward) -> dict:
-    """Perplexity of ``forward``'s distributions sharpened or flattened by a temperature T (log-probs / T,
-    renormalized): where T > 1 scores better, the model is over-confident on this text, and any change
-    that flattens its distributions (noise in the logits) lowers perplexity without being closer to it."""
-    nll, tokens = dict.fromkeys(TEMPERATURES, 0.0), 0
-    for b in batches:
-        mask = b["loss_mask"] > 0
-        if not mask.any():
-            continue
-        lp, tgt = np.asarray(forward(b), np.float64)[mask], b["targets"][mask]
-        tokens += int(tgt.size)
-        for t in TEMPERATURES:
-            z = lp / t
-            m = z.max(1, keepdims=True)
-            log_norm = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
-            nll[t] -= float((z[np.arange(tgt.size), tgt] - log_norm).sum())
-    return {t: float(np.exp(v / tokens)) for t, v in nll.items()}
 
 
 def llama_quantize(src: Path, dst: Path, name: str) -> None:
@@ -455,9 +446,8 @@ def main() -> int:
     n_segments = sum(1 for b in batches for _ in segments(b))
     assert int(sum(b["loss_mask"].sum() for b in batches)) == n_targets
     say(f"{len(batches)} batches, {n_segments:,} segments, {n_targets:,} scored targets (= evaluate's)")
-    jax_forwards = jaxllama_forwards(run, data, theirs_files)
-    jax_scores = score(batches, jax_forwards, "float32")
-    calibration = temperature_scan(batches, jax_forwards["float32"])
+    jax_scores = score(batches, jaxllama_forwards(run, data, theirs_files), "float32", TEMPERATURES)
+    calibration = jax_scores["float32"]["calibration"]
     for name, want in [*ours.items(), *on_theirs.items()]:  # the forward here is evaluate's: the same NLL
         got = jax_scores[name]["nll_sum"]
         assert abs(got / want["nll_sum"] - 1) < 1e-5 and jax_scores[name]["tokens"] == n_targets, (name, got, want)

@@ -230,34 +230,38 @@ def test_an_unwritable_checkpoint_dir_is_one_line(tmp_path):
         f"jaxllama: error: checkpoint.dir {tmp_path / 'file' / 'ck'}: cannot create it (Not a directory)"], r.stderr
 
 
-def test_first_ctrl_c_inside_deferred_is_raised_when_the_block_ends():
-    """A Ctrl-C while Orbax is handed a save (or waited for) is held until that returns: raised inside
-    Orbax's wait it was logged with a library traceback and left the save's finalize thread behind."""
+
+@pytest.fixture
+def ctrl_c_installed():
+    """``interrupts.install()`` as the CLI runs it (from Python's default SIGINT handler), undone after."""
     from jaxllama import interrupts
 
-    old = signal.signal(signal.SIGINT, interrupts._first)
+    old, old_hook = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook
+    interrupts.install()
     try:
-        finished = False
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)  # the handler runs here and must not raise
-                finished = True
-        assert finished and signal.getsignal(signal.SIGINT) is interrupts._now  # a second one exits at once
+        yield interrupts
     finally:
         signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = old_hook
 
 
-def test_first_ctrl_c_landing_in_a_gc_callback_is_delivered_again():
+def test_first_ctrl_c_inside_deferred_is_raised_when_the_block_ends(ctrl_c_installed):
+    """A Ctrl-C while Orbax is handed a save (or waited for) is held until that returns: raised inside
+    Orbax's wait it was logged with a library traceback and left the save's finalize thread behind."""
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_installed.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here and must not raise
+            finished = True
+    assert finished and signal.getsignal(signal.SIGINT) is ctrl_c_installed._now  # a second one exits at once
+
+
+def test_first_ctrl_c_landing_in_a_gc_callback_is_delivered_again(ctrl_c_installed):
     """Python prints and drops an exception raised in a gc callback (JAX registers one): a Ctrl-C that
     landed there was lost, and `generate` ran to the end and exited 0 (seen in the suite)."""
-    import functools
     import gc
 
-    from jaxllama import interrupts
-
-    old, old_hook = signal.signal(signal.SIGINT, interrupts._first), sys.unraisablehook
-    sys.unraisablehook = functools.partial(interrupts._redeliver, previous=old_hook)
     fired = []
 
     def callback(phase, info):
@@ -272,8 +276,6 @@ def test_first_ctrl_c_landing_in_a_gc_callback_is_delivered_again():
             gc.collect()
             for _ in range(100):
                 time.sleep(0.01)
-        assert fired and signal.getsignal(signal.SIGINT) is interrupts._now
+        assert fired and signal.getsignal(signal.SIGINT) is ctrl_c_installed._now
     finally:
         gc.callbacks.remove(callback)
-        signal.signal(signal.SIGINT, old)
-        sys.unraisablehook = old_hook
